@@ -1,0 +1,12 @@
+//! keel-cluster: the cluster database every Keel node runs.
+//!
+//! * [`model`] — the desired-state records, the commands that change them and how they apply.
+//! * [`store`] — openraft's log and state machine on SQLite.
+//! * [`token`] — join tokens.
+
+pub mod model;
+pub mod store;
+pub mod token;
+pub mod types;
+
+pub use types::{KeelNode, NodeId, Request, Response, TypeConfig};

@@ -1,0 +1,1 @@
+//! keel-image (see issue: the installer ISO).

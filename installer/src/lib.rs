@@ -1,0 +1,1 @@
+//! keel-installer (see issue: the installer ISO).

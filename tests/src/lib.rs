@@ -1,0 +1,1 @@
+//! Keel multi-host test harness.
