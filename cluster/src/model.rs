@@ -204,6 +204,45 @@ pub struct KvmStatus {
     pub detail: String,
 }
 
+/// A cluster-wide setting (CloudStack's "global settings"): a validated key and a string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+    pub updated_at_ms: u64,
+}
+impl Record for Setting {
+    const KIND: &'static str = "setting";
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+}
+
+/// Largest setting value accepted, in bytes.
+pub const MAX_SETTING_VALUE: usize = 64 * 1024;
+
+/// Checks a setting key: dotted lowercase words, e.g. `placement.overcommit.cpu`.
+pub fn validate_setting_key(key: &str) -> Result<(), CommandError> {
+    let ok = !key.is_empty()
+        && key.len() <= 128
+        && key.split('.').all(|part| {
+            !part.is_empty()
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::Invalid {
+            field: "setting key".into(),
+            reason: format!(
+                "{key:?} must be dot-separated words of lowercase letters, digits, '-' and '_' (at most 128 characters)"
+            ),
+        })
+    }
+}
+
 /// A one-time join token. Only the SHA-256 of its secret is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
@@ -290,6 +329,14 @@ pub enum Command {
     RemoveHost {
         host_id: NodeId,
     },
+    PutSetting {
+        key: String,
+        value: String,
+        now_ms: u64,
+    },
+    DeleteSetting {
+        key: String,
+    },
 }
 
 impl Command {
@@ -302,6 +349,8 @@ impl Command {
             Command::ReportInventory { .. } => "report_inventory",
             Command::SetHealth { .. } => "set_health",
             Command::RemoveHost { .. } => "remove_host",
+            Command::PutSetting { .. } => "put_setting",
+            Command::DeleteSetting { .. } => "delete_setting",
         }
     }
 }
@@ -341,6 +390,8 @@ pub enum CommandError {
     TokenUsed { token_id: String, host_id: NodeId },
     #[error("host {host_id} is unknown")]
     HostUnknown { host_id: NodeId },
+    #[error("setting {key:?} does not exist")]
+    SettingUnknown { key: String },
     #[error("a {kind} named {name:?} already exists")]
     NameTaken { kind: String, name: String },
     #[error("invalid {field}: {reason}")]
@@ -637,6 +688,35 @@ pub fn apply(conn: &Connection, command: &Command) -> Result<Outcome, CommandErr
             delete::<Host>(conn, &host_key(*host_id))?;
             Ok(Outcome::Done)
         }
+        Command::PutSetting { key, value, now_ms } => {
+            require_init(conn)?;
+            validate_setting_key(key)?;
+            if value.len() > MAX_SETTING_VALUE {
+                return Err(CommandError::Invalid {
+                    field: "setting value".into(),
+                    reason: format!(
+                        "{} bytes is more than the {MAX_SETTING_VALUE} allowed",
+                        value.len()
+                    ),
+                });
+            }
+            put(
+                conn,
+                &Setting {
+                    key: key.clone(),
+                    value: value.clone(),
+                    updated_at_ms: *now_ms,
+                },
+            )?;
+            Ok(Outcome::Done)
+        }
+        Command::DeleteSetting { key } => {
+            if delete::<Setting>(conn, key)? {
+                Ok(Outcome::Done)
+            } else {
+                Err(CommandError::SettingUnknown { key: key.clone() })
+            }
+        }
     }
 }
 
@@ -837,6 +917,45 @@ mod tests {
         for bad in ["", "-a", "a-", "A", "a b", "a<b>", &"x".repeat(64)] {
             assert!(validate_name("n", bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let conn = db();
+        let put = |key: &str, value: &str| {
+            apply(
+                &conn,
+                &Command::PutSetting {
+                    key: key.into(),
+                    value: value.into(),
+                    now_ms: 5,
+                },
+            )
+        };
+        assert_eq!(put("a.b", "1"), Err(CommandError::NotInitialized));
+        init(&conn);
+        assert_eq!(put("placement.overcommit.cpu", "4"), Ok(Outcome::Done));
+        assert!(matches!(
+            put("Bad Key", "1"),
+            Err(CommandError::Invalid { .. })
+        ));
+        assert!(matches!(
+            put("a..b", "1"),
+            Err(CommandError::Invalid { .. })
+        ));
+        let big = "x".repeat(MAX_SETTING_VALUE + 1);
+        assert!(matches!(
+            put("a.b", &big),
+            Err(CommandError::Invalid { .. })
+        ));
+        let s: Setting = get(&conn, "placement.overcommit.cpu")
+            .expect("read")
+            .expect("present");
+        assert_eq!(s.value, "4");
+        assert_eq!(
+            apply(&conn, &Command::DeleteSetting { key: "nope".into() }),
+            Err(CommandError::SettingUnknown { key: "nope".into() })
+        );
     }
 
     #[test]

@@ -1,1 +1,5 @@
-fn main() {}
+//! `keel`: thin entry point over the keel-node library.
+
+fn main() -> std::process::ExitCode {
+    keel_node::main()
+}

@@ -1,0 +1,341 @@
+//! The peer transport: tonic over mTLS on the peer port.
+//!
+//! Every RPC carries JSON in a single `Payload` message (see `proto/peer.proto`). The server
+//! requires a client certificate from the cluster CA, so plain TCP and certificates from
+//! any other CA are refused during the handshake, before a byte of RPC is read.
+//!
+//! Client side: one lazily connected channel per target node, verified against the name
+//! `node-<id>.keel`, so a node cannot impersonate another member even with a valid cert.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig,
+};
+use tonic::{Request as TonicRequest, Response as TonicResponse, Status};
+
+use crate::tls::NodeIdentity;
+use crate::types::{KeelNode, NodeId, Raft, TypeConfig};
+
+pub mod pb {
+    tonic::include_proto!("keel.peer.v1");
+}
+
+use pb::peer_client::PeerClient;
+use pb::peer_server::{Peer, PeerServer};
+use pb::Payload;
+
+/// Largest message accepted on the peer port (snapshots are sent in chunks well below it).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("could not encode or decode a peer message")]
+    Codec(#[source] serde_json::Error),
+    #[error("peer {addr} is unreachable")]
+    Unreachable {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("peer call failed: {}", .0.message())]
+    Status(#[source] Status),
+    #[error("invalid peer address {addr:?}")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the peer server on {addr} stopped")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Payload, Status> {
+    serde_json::to_vec(value)
+        .map(|json| Payload { json })
+        .map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+pub fn decode<T: DeserializeOwned>(payload: &Payload) -> Result<T, Status> {
+    serde_json::from_slice(&payload.json)
+        .map_err(|e| Status::invalid_argument(format!("malformed peer message: {e}")))
+}
+
+/// What the peer server needs besides raft: leader-only operations and heartbeats.
+#[tonic::async_trait]
+pub trait PeerHandler: Send + Sync + 'static {
+    /// Handles a forwarded leader operation; request and reply are JSON.
+    async fn leader_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    /// Records a heartbeat from a member.
+    async fn heartbeat(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+}
+
+struct PeerService {
+    raft: Raft,
+    handler: Arc<dyn PeerHandler>,
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn append_entries(
+        &self,
+        req: TonicRequest<Payload>,
+    ) -> Result<TonicResponse<Payload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        let result = self.raft.append_entries(rpc).await;
+        Ok(TonicResponse::new(encode(&result)?))
+    }
+
+    async fn vote(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        let result = self.raft.vote(rpc).await;
+        Ok(TonicResponse::new(encode(&result)?))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: TonicRequest<Payload>,
+    ) -> Result<TonicResponse<Payload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        let result = self.raft.install_snapshot(rpc).await;
+        Ok(TonicResponse::new(encode(&result)?))
+    }
+
+    async fn leader(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
+        let json = self.handler.leader_op(&req.get_ref().json).await?;
+        Ok(TonicResponse::new(Payload { json }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: TonicRequest<Payload>,
+    ) -> Result<TonicResponse<Payload>, Status> {
+        let json = self.handler.heartbeat(&req.get_ref().json).await?;
+        Ok(TonicResponse::new(Payload { json }))
+    }
+}
+
+/// Serves the peer port on an already bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    identity: &NodeIdentity,
+    raft: Raft,
+    handler: Arc<dyn PeerHandler>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), TransportError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            &identity.cert_chain_pem,
+            &identity.key_pem,
+        ))
+        .client_ca_root(Certificate::from_pem(&identity.ca_pem));
+    let service = PeerServer::new(PeerService { raft, handler })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Server::builder()
+        .tls_config(tls)
+        .map_err(|source| TransportError::Serve { addr, source })?
+        .timeout(Duration::from_secs(60))
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|source| TransportError::Serve { addr, source })
+}
+
+/// Opens mTLS channels to other members; shared by raft replication and forwarding.
+#[derive(Clone)]
+pub struct PeerConnector {
+    tls_ca: Certificate,
+    tls_identity: Identity,
+    channels: Arc<Mutex<HashMap<(NodeId, String), Channel>>>,
+}
+
+impl PeerConnector {
+    pub fn new(identity: &NodeIdentity) -> Self {
+        Self {
+            tls_ca: Certificate::from_pem(&identity.ca_pem),
+            tls_identity: Identity::from_pem(&identity.cert_chain_pem, &identity.key_pem),
+            channels: Arc::default(),
+        }
+    }
+
+    /// A client for node `target` at `peer_addr`; the connection is opened on first use
+    /// and reused after.
+    pub fn client(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+    ) -> Result<PeerClient<Channel>, TransportError> {
+        let key = (target, peer_addr.to_string());
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let channel = match channels.get(&key) {
+            Some(channel) => channel.clone(),
+            None => {
+                let tls = ClientTlsConfig::new()
+                    .ca_certificate(self.tls_ca.clone())
+                    .identity(self.tls_identity.clone())
+                    .domain_name(format!("node-{target}.keel"));
+                let bad = |source| TransportError::BadAddress {
+                    addr: peer_addr.to_string(),
+                    source,
+                };
+                let channel = Endpoint::from_shared(format!("https://{peer_addr}"))
+                    .map_err(bad)?
+                    .tls_config(tls)
+                    .map_err(bad)?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy();
+                channels.insert(key, channel.clone());
+                channel
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// Calls `Leader` on `target` with a JSON request and returns its JSON reply.
+    pub async fn leader_op(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        json: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let mut client = self.client(target, peer_addr)?;
+        let mut req = TonicRequest::new(Payload { json });
+        req.set_timeout(timeout);
+        client
+            .leader(req)
+            .await
+            .map(|r| r.into_inner().json)
+            .map_err(TransportError::Status)
+    }
+
+    pub async fn heartbeat(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        json: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let mut client = self.client(target, peer_addr)?;
+        let mut req = TonicRequest::new(Payload { json });
+        req.set_timeout(timeout);
+        client
+            .heartbeat(req)
+            .await
+            .map(|r| r.into_inner().json)
+            .map_err(TransportError::Status)
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerConnector {
+    type Network = RaftPeer;
+
+    async fn new_client(&mut self, target: NodeId, node: &KeelNode) -> Self::Network {
+        RaftPeer {
+            target,
+            client: self.client(target, &node.peer_addr),
+        }
+    }
+}
+
+/// openraft's view of one remote member.
+pub struct RaftPeer {
+    target: NodeId,
+    client: Result<PeerClient<Channel>, TransportError>,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, KeelNode, RaftError<NodeId, E>>>;
+
+impl RaftPeer {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: &'static str,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
+        };
+        let payload = encode(rpc).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        let mut req = TonicRequest::new(payload);
+        req.set_timeout(option.hard_ttl());
+        let reply = match method {
+            "append_entries" => client.append_entries(req).await,
+            "vote" => client.vote(req).await,
+            _ => client.install_snapshot(req).await,
+        };
+        let reply = reply.map_err(|status| match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(reply.get_ref()).map_err(|s| RPCError::Network(NetworkError::new(&s)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for RaftPeer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+        self.call("append_entries", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call("install_snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
+        self.call("vote", &rpc, &option).await
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTP API, served two ways from one set of handlers:
+//!
+//! * HTTPS on the API address (axum + rustls): every route except `/healthz` and the
+//!   token-authenticated `/api/v1/join` needs `Authorization: Bearer <token>`.
+//! * The local admin socket (root-only Unix socket) for the `keel` CLI on the same server:
+//!   file permissions are the authentication, and a few local-only routes (`/local/v1/…`:
+//!   init, join) exist only there.
+//!
+//! Handlers translate, never decide: parse → typed command → `ClusterDb` → map the error.
+
+pub mod error;
+mod handlers;
+pub mod openapi;
+pub mod types;
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::{Extension, Router};
+use keel_cluster::model::{self, Credential};
+use keel_cluster::token::{digests_equal, sha256_hex};
+use keel_cluster::ClusterDb;
+
+pub use error::ApiError;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: ClusterDb,
+    pub started: std::time::Instant,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub duties: Arc<crate::duties::DutyStatus>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Root on this server, through the admin socket.
+    LocalRoot,
+    /// A bearer-token credential.
+    Credential { name: String },
+}
+
+fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/cluster", get(handlers::get_cluster))
+        .route("/api/v1/hosts", get(handlers::list_hosts))
+        .route(
+            "/api/v1/hosts/{id}",
+            get(handlers::get_host).delete(handlers::remove_host),
+        )
+        .route("/api/v1/tokens", post(handlers::create_token))
+        .route("/api/v1/settings", get(handlers::list_settings))
+        .route(
+            "/api/v1/settings/{key}",
+            put(handlers::put_setting)
+                .get(handlers::get_setting)
+                .delete(handlers::delete_setting),
+        )
+        .route("/api/v1/ca.pem", get(handlers::get_ca))
+        .route("/api/v1/openapi.json", get(handlers::get_openapi))
+        .route("/metrics", get(handlers::get_metrics))
+}
+
+/// The router for the HTTPS listener.
+pub fn https_router(state: AppState) -> Router {
+    let authed = api_routes().layer(middleware::from_fn_with_state(
+        state.clone(),
+        require_bearer,
+    ));
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/api/v1/join", post(handlers::join))
+        .merge(authed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// The router for the admin socket.
+pub fn local_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(handlers::healthz))
+        .route("/local/v1/init", post(handlers::local_init))
+        .route("/local/v1/join", post(handlers::local_join))
+        .route("/local/v1/bench/raft", post(handlers::local_raft_bench))
+        .merge(api_routes())
+        .layer(Extension(Principal::LocalRoot))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    state.metrics.record_http(resp.status().as_u16());
+    resp
+}
+
+async fn require_bearer(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing credentials: send `Authorization: Bearer <token>` (the admin token from `keel cluster init`)",
+            )
+        })?;
+    let digest = sha256_hex(token.as_bytes());
+    let credentials = state
+        .db
+        .reader()
+        .read(model::list::<Credential>)
+        .map_err(|e| ApiError::from(keel_cluster::ClusterError::from(e)))?;
+    let found = credentials
+        .into_iter()
+        .find(|c| digests_equal(&c.token_sha256, &digest))
+        .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid for this cluster"))?;
+    req.extensions_mut()
+        .insert(Principal::Credential { name: found.name });
+    Ok(next.run(req).await)
+}

@@ -1,0 +1,75 @@
+//! The OpenAPI document, generated from the handlers' annotations. A copy is checked in at
+//! `docs/openapi.json`; a test fails when the two differ (regenerate with
+//! `KEEL_BLESS=1 cargo test -p keel-node openapi`).
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::handlers;
+use super::types::*;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Keel API", description = "The Keel cluster API. Every route except /healthz and /api/v1/join needs `Authorization: Bearer <token>`."),
+    paths(
+        handlers::healthz,
+        handlers::get_cluster,
+        handlers::list_hosts,
+        handlers::get_host,
+        handlers::remove_host,
+        handlers::create_token,
+        handlers::join,
+        handlers::list_settings,
+        handlers::get_setting,
+        handlers::put_setting,
+        handlers::delete_setting,
+        handlers::get_ca,
+        handlers::get_openapi,
+        handlers::get_metrics,
+    ),
+    components(schemas(
+        ErrorBody, ErrorDetail, Health, ClusterView, MemberView, HostView, InventoryView,
+        DiskView, NicView, CreateTokenRequest, TokenView, JoinApiRequest, JoinApiReply,
+        SettingView, PutSettingRequest
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+pub fn document_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_document_matches_the_checked_in_copy() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let generated = document_json() + "\n";
+        if std::env::var_os("KEEL_BLESS").is_some() {
+            std::fs::write(path, &generated).expect("write docs/openapi.json");
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "docs/openapi.json is out of date: run `KEEL_BLESS=1 cargo test -p keel-node openapi` and commit it"
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! The `keel` command line. Every command but `serve` talks to the node service on this
+//! server through its admin socket (`--socket`, default /run/keel/keel.sock).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::api::types::*;
+use crate::client::LocalClient;
+use crate::config::{LogFormat, NodeConfig, DEFAULT_SOCKET};
+
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, about = "Keel node service and cluster CLI")]
+pub struct Cli {
+    /// Admin socket of the node service on this server.
+    #[arg(long, global = true, env = "KEEL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the node service in the foreground.
+    Serve(ServeArgs),
+    /// Create, join and inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Inspect and remove nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// ip:port of the mTLS peer (raft) endpoint; must be reachable by the other servers.
+    #[arg(long)]
+    pub peer_addr: Option<SocketAddr>,
+    /// ip:port of the HTTPS API.
+    #[arg(long)]
+    pub api_addr: Option<SocketAddr>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Vote in the cluster but never run workloads (for 2-server sites).
+    #[arg(long)]
+    pub witness: bool,
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Create a new cluster with this server as its first node.
+    Init {
+        #[arg(long, default_value = "keel")]
+        name: String,
+        #[arg(long, default_value = "zone1")]
+        zone: String,
+        #[arg(long, default_value = "cluster1")]
+        compute_cluster: String,
+    },
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Join this server to a cluster with a token from `keel cluster token create`.
+    Join { token: String },
+    /// Show the cluster as this node sees it.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a single-use join token.
+    Create {
+        /// How long it stays valid (e.g. 10m, 2h; at most 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes with their health and raft role.
+    List,
+    /// Remove a node (by id or name) from the cluster.
+    Remove { node: String },
+}
+
+impl ServeArgs {
+    pub fn into_config(
+        self,
+        socket: PathBuf,
+        socket_given: bool,
+    ) -> Result<NodeConfig, crate::config::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => NodeConfig::from_file(path)?,
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.peer_addr {
+            config.peer_addr = v;
+        }
+        if let Some(v) = self.api_addr {
+            config.api_addr = v;
+        }
+        if let Some(v) = self.name {
+            config.name = Some(v);
+        }
+        if self.witness {
+            config.witness = true;
+        }
+        if let Some(v) = self.log_format {
+            config.log_format = v;
+        }
+        if socket_given || self.config.is_none() {
+            config.socket = socket;
+        }
+        Ok(config)
+    }
+}
+
+/// Runs a client command and prints its result.
+pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow::Result<()> {
+    let client = LocalClient::new(&socket);
+    match command {
+        Cmd::Serve(_) => unreachable!("serve is dispatched by main"),
+        Cmd::Cluster(ClusterCmd::Init {
+            name,
+            zone,
+            compute_cluster,
+        }) => {
+            let reply: InitReply = client
+                .post(
+                    "/local/v1/init",
+                    &json!({"name": name, "zone": zone, "compute_cluster": compute_cluster}),
+                )
+                .await?;
+            print(output, &reply, |r| {
+                format!(
+                    "Cluster {} initialised; this is node {}.\n\nAdmin token (shown once, store it safely):\n  {}\n\nAPI:            https://{}\nCA fingerprint: sha256:{}\n",
+                    r.cluster_id, r.node_id, r.admin_token, r.api_addr, r.ca_fingerprint
+                )
+            })
+        }
+        Cmd::Cluster(ClusterCmd::Token(TokenCmd::Create { ttl })) => {
+            let reply: TokenView = client
+                .post("/api/v1/tokens", &json!({ "ttl": ttl }))
+                .await?;
+            print(output, &reply, |r| {
+                format!(
+                    "{}\n\nSingle use; expires at {} (ms since epoch). On the new server run:\n  keel cluster join <token>\n",
+                    r.token, r.expires_at_ms
+                )
+            })
+        }
+        Cmd::Cluster(ClusterCmd::Join { token }) => {
+            let reply: LocalJoinReply = client
+                .post("/local/v1/join", &json!({ "token": token }))
+                .await?;
+            print(output, &reply, |r| {
+                format!("Joined cluster {} as node {}.\n", r.cluster_id, r.node_id)
+            })
+        }
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let view: ClusterView = client.get("/api/v1/cluster").await?;
+            print(output, &view, |v| {
+                let mut out = format!(
+                    "cluster  {}\nnode     {}  ({})\nleader   {}\nterm     {}\napplied  {}\n\n",
+                    v.cluster_id.as_deref().unwrap_or("-"),
+                    v.node_id.map_or("-".into(), |n| n.to_string()),
+                    v.state,
+                    v.leader_id.map_or("-".into(), |n| n.to_string()),
+                    v.term,
+                    v.last_applied.map_or("-".into(), |n| n.to_string()),
+                );
+                let rows = v
+                    .members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.to_string(),
+                            m.name.clone(),
+                            m.role.clone(),
+                            m.peer_addr.clone(),
+                            m.api_addr.clone(),
+                        ]
+                    })
+                    .collect();
+                out.push_str(&table(&["ID", "NAME", "ROLE", "PEER", "API"], rows));
+                out
+            })
+        }
+        Cmd::Node(NodeCmd::List) => {
+            let hosts: Vec<HostView> = client.get("/api/v1/hosts").await?;
+            print(output, &hosts, |hosts| {
+                let rows = hosts
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.id.to_string(),
+                            h.name.clone(),
+                            h.health.clone(),
+                            format!("{}{}", h.role, if h.leader { " (leader)" } else { "" }),
+                            if h.witness {
+                                "witness".into()
+                            } else {
+                                "compute".into()
+                            },
+                            h.api_addr.clone(),
+                            h.inventory.as_ref().map_or("-".into(), |i| {
+                                format!("{} cpu / {} MiB", i.cpus, i.memory_bytes >> 20)
+                            }),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["ID", "NAME", "HEALTH", "ROLE", "KIND", "API", "RESOURCES"],
+                    rows,
+                )
+            })
+        }
+        Cmd::Node(NodeCmd::Remove { node }) => {
+            let id = match node.parse::<u64>() {
+                Ok(id) => id,
+                Err(_) => {
+                    let hosts: Vec<HostView> = client.get("/api/v1/hosts").await?;
+                    hosts
+                        .iter()
+                        .find(|h| h.name == node)
+                        .map(|h| h.id)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("no node named {node:?}: see `keel node list`")
+                        })?
+                }
+            };
+            client.delete(&format!("/api/v1/hosts/{id}")).await?;
+            print(output, &json!({"removed": id}), |_| {
+                format!("Node {id} removed.\n")
+            })
+        }
+    }
+}
+
+fn print<T: Serialize>(
+    output: Output,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Table => print!("{}", text(value)),
+    }
+    Ok(())
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
+}

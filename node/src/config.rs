@@ -1,0 +1,219 @@
+//! The node service's configuration: a TOML file (`--config FILE`) with flags on top.
+//! Every field has a default, so a flag-only start works; unknown keys are errors, so a
+//! typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keel_cluster::db::RaftTuning;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/keel/keel.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/keel";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Timing of the leader's management duties.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DutyTuning {
+    /// How often members send a heartbeat to the leader.
+    pub heartbeat_interval_ms: u64,
+    /// A member not heard from for this long is `suspect`.
+    pub suspect_after_ms: u64,
+    /// ... and `down` after this long.
+    pub down_after_ms: u64,
+    /// A voter down for this long is replaced by a healthy learner, if there is one.
+    pub voter_replace_after_ms: u64,
+    /// How often the duties re-evaluate.
+    pub tick_ms: u64,
+}
+
+impl Default for DutyTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 1000,
+            suspect_after_ms: 3000,
+            down_after_ms: 10_000,
+            voter_replace_after_ms: 30_000,
+            tick_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// Defaults to the host name.
+    pub name: Option<String>,
+    pub peer_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub socket: PathBuf,
+    pub witness: bool,
+    pub log_format: LogFormat,
+    pub raft: RaftTuning,
+    pub duties: DutyTuning,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            name: None,
+            peer_addr: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            api_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            witness: false,
+            log_format: LogFormat::Text,
+            raft: RaftTuning::default(),
+            duties: DutyTuning::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl NodeConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The node's name: configured, or the host name.
+    pub fn node_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .map(|h| {
+                    h.to_ascii_lowercase()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                        .collect::<String>()
+                })
+                .unwrap_or_else(|| "keel".into())
+        })
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        keel_cluster::model::validate_name("name", &self.node_name()).map_err(|e| {
+            ConfigError::Invalid {
+                field: "name",
+                reason: format!("{e} (set --name)"),
+            }
+        })?;
+        if self.peer_addr.port() == self.api_addr.port()
+            && (self.peer_addr.ip() == self.api_addr.ip()
+                || self.peer_addr.ip().is_unspecified()
+                || self.api_addr.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid {
+                field: "peer_addr",
+                reason: "the peer and API addresses must differ".into(),
+            });
+        }
+        let d = &self.duties;
+        if !(d.suspect_after_ms < d.down_after_ms && d.down_after_ms <= d.voter_replace_after_ms) {
+            return Err(ConfigError::Invalid {
+                field: "duties",
+                reason: "need suspect_after_ms < down_after_ms <= voter_replace_after_ms".into(),
+            });
+        }
+        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return Err(ConfigError::Invalid {
+                field: "raft",
+                reason:
+                    "need heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = NodeConfig::from_toml(
+            r#"
+            data_dir = "/tmp/k"
+            name = "n1"
+            peer_addr = "10.0.0.1:7400"
+            api_addr = "10.0.0.1:8443"
+            witness = true
+            log_format = "json"
+            [raft]
+            heartbeat_interval_ms = 100
+            [duties]
+            down_after_ms = 20000
+            "#,
+        )
+        .expect("parse");
+        assert!(cfg.witness);
+        assert_eq!(cfg.raft.heartbeat_interval_ms, 100);
+        assert_eq!(cfg.duties.down_after_ms, 20_000);
+        cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        assert!(NodeConfig::from_toml("data_dri = '/x'").is_err());
+        assert!(NodeConfig::from_toml("peer_addr = 'nowhere'").is_err());
+        let mut cfg = NodeConfig {
+            name: Some("n1".into()),
+            ..Default::default()
+        };
+        cfg.api_addr = cfg.peer_addr;
+        assert!(cfg.validate().is_err());
+        let cfg = NodeConfig {
+            name: Some("Bad Name".into()),
+            ..Default::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = NodeConfig::from_file(Path::new("/nonexistent/keel.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/keel.toml"));
+    }
+}

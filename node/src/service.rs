@@ -1,0 +1,352 @@
+//! `keel serve`: binds every listener first (so an occupied port or an unwritable data
+//! directory fails at once with one clear line), opens the cluster database, then runs the
+//! HTTPS API, the admin socket, the member agent and the duties until SIGTERM.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use keel_cluster::db::{now_ms, ClusterDbConfig};
+use keel_cluster::model::{self, Command, Host};
+use keel_cluster::tls::{self, NodeIdentity};
+use keel_cluster::{error_chain, ClusterDb, ClusterError};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::{ConfigError, NodeConfig};
+use crate::duties::{self, DutyStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {what} address {addr}: {hint}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory {path} is not usable (it must be a writable directory)")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {hint}")]
+    Socket {
+        path: PathBuf,
+        hint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not open the cluster database in {path}")]
+    Cluster {
+        path: PathBuf,
+        #[source]
+        source: ClusterError,
+    },
+    #[error("could not set up TLS for the API")]
+    Tls(#[source] keel_cluster::tls::TlsError),
+    #[error("could not install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+fn bind(what: &'static str, addr: SocketAddr) -> Result<std::net::TcpListener, ServeError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|source| {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "the port is already in use (is another keel serve running?)".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "that address is not on this server".to_string()
+            }
+            _ => "check the address".to_string(),
+        };
+        ServeError::Bind {
+            what,
+            addr,
+            hint,
+            source,
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Bind {
+            what,
+            addr,
+            hint: "could not make the socket non-blocking".into(),
+            source,
+        })?;
+    Ok(listener)
+}
+
+fn prepare_data_dir(path: &Path) -> Result<(), ServeError> {
+    let err = |source| ServeError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    let probe = path.join(".write-probe");
+    std::fs::write(&probe, b"ok").map_err(err)?;
+    std::fs::remove_file(&probe).map_err(err)?;
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let err = |hint: &str| {
+        let hint = hint.to_string();
+        move |source| ServeError::Socket {
+            path: path.to_path_buf(),
+            hint,
+            source,
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err("cannot create its directory"))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::Socket {
+                path: path.to_path_buf(),
+                hint: "another keel serve is already listening on it".into(),
+                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            });
+        }
+        std::fs::remove_file(path).map_err(err("cannot remove the stale socket"))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err("cannot bind"))?;
+    // Root only: the socket is the CLI's whole authentication.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(err("cannot restrict its permissions"))?;
+    Ok(listener)
+}
+
+fn api_tls_config(identity: &NodeIdentity) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| {
+            ServeError::Tls(tls::TlsError::Config {
+                what: "protocol versions",
+                source: e,
+            })
+        })?
+        .with_no_client_auth()
+        .with_single_cert(
+            tls::parse_certs(&identity.cert_chain_pem, "node certificate")
+                .map_err(ServeError::Tls)?,
+            tls::parse_key(&identity.key_pem).map_err(ServeError::Tls)?,
+        )
+        .map_err(|e| {
+            ServeError::Tls(tls::TlsError::Config {
+                what: "API certificate",
+                source: e,
+            })
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A throwaway self-signed certificate for the API until the node is a member and has
+/// a CA-signed one. Only `/healthz` is useful then.
+fn bootstrap_identity() -> Result<NodeIdentity, ServeError> {
+    let ca = tls::generate_ca("bootstrap").map_err(ServeError::Tls)?;
+    let (key_pem, csr) = tls::generate_node_key().map_err(ServeError::Tls)?;
+    let cert = tls::sign_node_cert(&ca, &csr, 0, &[]).map_err(ServeError::Tls)?;
+    Ok(NodeIdentity {
+        cert_chain_pem: format!("{cert}{}", ca.cert_pem),
+        key_pem,
+        ca_pem: ca.cert_pem,
+    })
+}
+
+pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
+    config.validate()?;
+    prepare_data_dir(&config.data_dir)?;
+    let peer_listener = bind("peer", config.peer_addr)?;
+    let api_listener = bind("API", config.api_addr)?;
+    let socket = bind_socket(&config.socket)?;
+    let peer_listener =
+        tokio::net::TcpListener::from_std(peer_listener).map_err(|source| ServeError::Bind {
+            what: "peer",
+            addr: config.peer_addr,
+            hint: "tokio could not adopt the socket".into(),
+            source,
+        })?;
+
+    let db = ClusterDb::open(
+        ClusterDbConfig {
+            data_dir: config.data_dir.clone(),
+            name: config.node_name(),
+            peer_addr: config.peer_addr,
+            api_addr: config.api_addr,
+            witness: config.witness,
+            tuning: config.raft.clone(),
+        },
+        peer_listener,
+    )
+    .await
+    .map_err(|source| ServeError::Cluster {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+
+    let shutdown = CancellationToken::new();
+    let duty_status = Arc::new(DutyStatus::default());
+    let state = AppState {
+        db: db.clone(),
+        started: std::time::Instant::now(),
+        metrics: Arc::default(),
+        duties: duty_status.clone(),
+    };
+
+    // HTTPS API.
+    let identity = match db.identity() {
+        Some(id) => id,
+        None => bootstrap_identity()?,
+    };
+    let rustls_config = RustlsConfig::from_config(api_tls_config(&identity)?);
+    let handle = axum_server::Handle::new();
+    let https = axum_server::from_tcp_rustls(api_listener, rustls_config.clone())
+        .handle(handle.clone())
+        .serve(api::https_router(state.clone()).into_make_service());
+    let https_task = tokio::spawn(async move {
+        if let Err(e) = https.await {
+            tracing::error!(error = %e, "HTTPS API stopped");
+        }
+    });
+    tokio::spawn(reload_api_cert_on_membership(
+        db.clone(),
+        rustls_config,
+        shutdown.clone(),
+    ));
+
+    // Admin socket.
+    let local = api::local_router(state.clone());
+    let local_shutdown = shutdown.clone();
+    let local_task = tokio::spawn(async move {
+        let stop = async move { local_shutdown.cancelled().await };
+        if let Err(e) = axum::serve(socket, local)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "admin socket stopped");
+        }
+    });
+
+    tokio::spawn(agent(db.clone(), config.clone(), shutdown.clone()));
+    tokio::spawn(duties::run(
+        db.clone(),
+        config.duties.clone(),
+        duty_status,
+        shutdown.clone(),
+    ));
+
+    tracing::info!(
+        peer = %config.peer_addr, api = %config.api_addr, socket = %config.socket.display(),
+        node_id = ?db.node_id(), "keel node service started"
+    );
+
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    shutdown.cancel();
+    handle.graceful_shutdown(Some(Duration::from_secs(5)));
+    let _ = tokio::time::timeout(Duration::from_secs(6), https_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), local_task).await;
+    db.shutdown().await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), ServeError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn reload_api_cert_on_membership(
+    db: ClusterDb,
+    rustls: RustlsConfig,
+    stop: CancellationToken,
+) {
+    let mut watch = db.membership_watch();
+    loop {
+        if let Some(identity) = db.identity() {
+            match api_tls_config(&identity) {
+                Ok(cfg) => {
+                    rustls.reload_from_config(cfg);
+                    tracing::info!("API now serves the cluster-signed certificate");
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "API certificate reload failed")
+                }
+            }
+            return;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = watch.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// What every member does, leader or not: heartbeat to the leader and keep its inventory
+/// in the state current.
+async fn agent(db: ClusterDb, config: NodeConfig, stop: CancellationToken) {
+    let mut beat =
+        tokio::time::interval(Duration::from_millis(config.duties.heartbeat_interval_ms));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let inventory_every = Duration::from_secs(60);
+    let mut last_inventory: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = beat.tick() => {}
+        }
+        let Some(node_id) = db.node_id() else {
+            continue;
+        };
+        if let Err(e) = db.send_heartbeat().await {
+            tracing::debug!(error = %error_chain(&e), "heartbeat not delivered");
+        }
+        if last_inventory.is_some_and(|t| t.elapsed() < inventory_every) {
+            continue;
+        }
+        let inventory = tokio::task::spawn_blocking(crate::inventory::probe)
+            .await
+            .unwrap_or_default();
+        let current = db
+            .reader()
+            .read(|c| model::host(c, node_id))
+            .ok()
+            .flatten()
+            .and_then(|h: Host| h.inventory);
+        if current.as_ref() == Some(&inventory) {
+            last_inventory = Some(std::time::Instant::now());
+            continue;
+        }
+        match db
+            .write(Command::ReportInventory {
+                host_id: node_id,
+                inventory,
+                now_ms: now_ms(),
+            })
+            .await
+        {
+            Ok(_) => last_inventory = Some(std::time::Instant::now()),
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying")
+            }
+        }
+    }
+}
