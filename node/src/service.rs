@@ -48,7 +48,7 @@ pub enum ServeError {
     Cluster {
         path: PathBuf,
         #[source]
-        source: ClusterError,
+        source: Box<ClusterError>,
     },
     #[error("could not set up TLS for the API")]
     Tls(#[source] keel_cluster::tls::TlsError),
@@ -192,7 +192,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     .await
     .map_err(|source| ServeError::Cluster {
         path: config.data_dir.clone(),
-        source,
+        source: Box::new(source),
     })?;
 
     let shutdown = CancellationToken::new();
