@@ -331,6 +331,20 @@ impl ClusterDb {
         self.inner.member_tx.subscribe()
     }
 
+    /// Waits until this node is a member and returns its raft handle.
+    pub async fn wait_for_raft(&self) -> Raft {
+        let mut membership = self.membership_watch();
+        loop {
+            if let Some(raft) = self.raft() {
+                return raft;
+            }
+            if membership.changed().await.is_err() {
+                // The database is gone: nothing will ever start.
+                return std::future::pending().await;
+            }
+        }
+    }
+
     pub fn raft(&self) -> Option<Raft> {
         self.member().map(|m| m.raft.clone())
     }

@@ -41,6 +41,20 @@ pub enum Cmd {
     /// Inspect and remove nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Tools for benchmarks and diagnosis.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// Time writes proposed straight to raft inside the node service (no HTTP, no TLS).
+    BenchRaft {
+        #[arg(long, default_value_t = 200)]
+        count: u32,
+        #[arg(long, default_value_t = 1)]
+        concurrency: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +250,22 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
                 table(
                     &["ID", "NAME", "HEALTH", "ROLE", "KIND", "API", "RESOURCES"],
                     rows,
+                )
+            })
+        }
+        Cmd::Debug(DebugCmd::BenchRaft { count, concurrency }) => {
+            let reply: RaftBenchReply = client
+                .post(
+                    "/local/v1/bench/raft",
+                    &RaftBenchRequest { count, concurrency },
+                )
+                .await?;
+            print(output, &reply, |r| {
+                format!(
+                    "{} writes in {} us, {} errors\n",
+                    r.latencies_us.len(),
+                    r.elapsed_us,
+                    r.errors
                 )
             })
         }

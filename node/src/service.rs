@@ -52,6 +52,11 @@ pub enum ServeError {
     },
     #[error("could not set up TLS for the API")]
     Tls(#[source] keel_cluster::tls::TlsError),
+    #[error("could not restart the node service after a storage failure; start it again by hand")]
+    Restart {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("could not install signal handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -251,16 +256,71 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         node_id = ?db.node_id(), "keel node service started"
     );
 
-    wait_for_signal().await?;
-    tracing::info!("stopping");
+    let restart = tokio::select! {
+        r = wait_for_signal() => { r?; false }
+        _ = raft_failed_then_space_back(db.clone(), config.data_dir.clone()) => true,
+    };
+    tracing::info!(restart, "stopping");
     shutdown.cancel();
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = tokio::time::timeout(Duration::from_secs(6), https_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), local_task).await;
     db.shutdown().await;
     let _ = std::fs::remove_file(&config.socket);
+    if restart {
+        return Err(restart_self());
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Free space the data directory needs before raft is restarted after a storage failure.
+const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Resolves when raft has stopped on a storage failure (openraft treats every storage
+/// error as fatal: a full disk during log append, for example) *and* the data directory
+/// has room again. Nothing acknowledged was lost: the failed append was never
+/// acknowledged, and the store's transactions left the files consistent.
+async fn raft_failed_then_space_back(db: ClusterDb, data_dir: PathBuf) {
+    let mut metrics = db.wait_for_raft().await.metrics();
+    loop {
+        let failure = metrics.borrow().running_state.clone().err();
+        if let Some(fatal) = failure {
+            tracing::error!(error = %fatal, "raft stopped on a storage failure; waiting for free space in the data directory to restart it");
+            break;
+        }
+        if metrics.changed().await.is_err() {
+            // The raft core ended without reporting a failure: an ordinary shutdown.
+            return std::future::pending().await;
+        }
+    }
+    loop {
+        let free = nix::sys::statvfs::statvfs(&data_dir)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .unwrap_or(0);
+        if free >= MIN_FREE_BYTES {
+            tracing::warn!(
+                free_bytes = free,
+                "space is back in the data directory; restarting the node service"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Replaces this process with a fresh `keel serve` with the same arguments, so raft
+/// reopens its store from disk exactly as after a crash. Only returns on failure.
+fn restart_self() -> ServeError {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(source) => return ServeError::Restart { source },
+    };
+    let source = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    ServeError::Restart { source }
 }
 
 async fn wait_for_signal() -> Result<(), ServeError> {

@@ -50,15 +50,9 @@ pub async fn run(
     status: Arc<DutyStatus>,
     shutdown: CancellationToken,
 ) {
-    let mut membership = db.membership_watch();
-    let raft = loop {
-        if let Some(raft) = db.raft() {
-            break raft;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = membership.changed() => if r.is_err() { return },
-        }
+    let raft = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        raft = db.wait_for_raft() => raft,
     };
     let mut metrics = raft.metrics();
     let mut running: Option<CancellationToken> = None;

@@ -1,1 +1,289 @@
-fn main() {}
+//! `keel-bench`: measures a 3-node cluster of real `keel serve` processes in network
+//! namespaces, prints a table and writes the figures as JSON.
+//!
+//! * write latency (p50/p99) and throughput through the HTTPS API, sequential and
+//!   concurrent, sent to a follower (so they include forwarding) and to the leader;
+//! * the same straight on raft inside the leader (`keel debug bench-raft`: no HTTP/TLS);
+//! * leader failover: kill -9 of the leader → first write accepted by a survivor
+//!   (median of 5 rounds);
+//! * idle RSS of every node service.
+//!
+//! Usage: `keel-bench [--out FILE] [--quick]` (root; `KEEL_BIN` names the keel binary,
+//! `./scripts/bench` builds release binaries and runs this).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use keel_tests::cluster::TestCluster;
+use keel_tests::wait::{millis, wait_until};
+use serde_json::{json, Value};
+
+struct Stats {
+    n: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    throughput: f64,
+    errors: usize,
+}
+
+fn stats(mut lat_us: Vec<u64>, elapsed: Duration, errors: usize) -> Stats {
+    lat_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat_us.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((lat_us.len() as f64 - 1.0) * p).round() as usize;
+        lat_us[idx] as f64 / 1000.0
+    };
+    Stats {
+        n: lat_us.len(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        throughput: lat_us.len() as f64 / elapsed.as_secs_f64(),
+        errors,
+    }
+}
+
+fn stats_json(s: &Stats) -> Value {
+    json!({"writes": s.n, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms, "writes_per_s": s.throughput, "errors": s.errors})
+}
+
+async fn api_writes(
+    cluster: &TestCluster,
+    host: usize,
+    count: usize,
+    concurrency: usize,
+) -> Result<Stats> {
+    let api = cluster.api(host)?;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let api = api.clone();
+        let next = next.clone();
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let t = Instant::now();
+                match api
+                    .put_setting(&format!("bench.api.k{}", i % 64), &i.to_string())
+                    .await
+                {
+                    Ok(_) => lat.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        });
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (l, e) = r?;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok(stats(lat, start.elapsed(), errors))
+}
+
+async fn raft_writes(
+    cluster: &TestCluster,
+    host: usize,
+    count: usize,
+    concurrency: usize,
+) -> Result<Stats> {
+    let out = cluster
+        .cli(
+            host,
+            &[
+                "debug",
+                "bench-raft",
+                "--count",
+                &count.to_string(),
+                "--concurrency",
+                &concurrency.to_string(),
+            ],
+        )
+        .await?;
+    let lat: Vec<u64> = out["latencies_us"]
+        .as_array()
+        .context("latencies_us")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let elapsed = Duration::from_micros(out["elapsed_us"].as_u64().unwrap_or(1));
+    Ok(stats(
+        lat,
+        elapsed,
+        out["errors"].as_u64().unwrap_or(0) as usize,
+    ))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// kill -9 the leader; time until a write through a survivor's API succeeds.
+async fn failover_once(cluster: &TestCluster) -> Result<(f64, f64)> {
+    let leader = cluster.leader().await?;
+    let survivor = (leader + 1) % cluster.len();
+    let api = cluster.api(survivor)?;
+    api.put_setting("bench.failover.warmup", "1").await?;
+    let t0 = Instant::now();
+    cluster.kill(leader).await?;
+    let killed = t0.elapsed();
+    let mut i = 0u64;
+    wait_until(
+        "a write accepted after the leader was killed",
+        Duration::from_secs(30),
+        millis(10),
+        || {
+            i += 1;
+            let api = api.clone();
+            let key = format!("bench.failover.k{i}");
+            async move {
+                // Short per-attempt timeout so a write stuck on the dead leader is retried.
+                match tokio::time::timeout(Duration::from_millis(2500), api.put_setting(&key, "1"))
+                    .await
+                {
+                    Ok(Ok(_)) => Ok(Some(())),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(anyhow::anyhow!("attempt timed out")),
+                }
+            }
+        },
+    )
+    .await?;
+    let failover = t0.elapsed() - killed;
+    let new_leader = cluster.leader().await?;
+    anyhow::ensure!(
+        new_leader != leader,
+        "the killed node is still reported as leader"
+    );
+    cluster.restart(leader).await?;
+    cluster.wait_converged().await?;
+    Ok((
+        failover.as_secs_f64() * 1000.0,
+        killed.as_secs_f64() * 1000.0,
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out_path = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| "target/bench/cluster.json".into());
+    let (seq_n, conc_n, conc, rounds) = if quick {
+        (50, 200, 16, 2)
+    } else {
+        (300, 2000, 16, 5)
+    };
+
+    eprintln!("keel-bench: forming a 3-node cluster in network namespaces");
+    let cluster = TestCluster::form(3).await?;
+    let leader = cluster.leader().await?;
+    let follower = (leader + 1) % 3;
+
+    // Idle RSS first, after the cluster has settled.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut rss = Vec::new();
+    for i in 0..3 {
+        if let Some(pid) = cluster.pid(i).await {
+            rss.push(rss_kib(pid).unwrap_or(0));
+        }
+    }
+
+    let mut rows: Vec<(String, Stats)> = Vec::new();
+    for (name, host) in [("api → follower", follower), ("api → leader", leader)] {
+        rows.push((
+            format!("{name}, sequential"),
+            api_writes(&cluster, host, seq_n, 1).await?,
+        ));
+        rows.push((
+            format!("{name}, {conc} concurrent"),
+            api_writes(&cluster, host, conc_n, conc).await?,
+        ));
+    }
+    rows.push((
+        "raft on leader, sequential".into(),
+        raft_writes(&cluster, leader, seq_n, 1).await?,
+    ));
+    rows.push((
+        format!("raft on leader, {conc} concurrent"),
+        raft_writes(&cluster, leader, conc_n, conc).await?,
+    ));
+
+    let mut failovers = Vec::new();
+    for round in 0..rounds {
+        let (ms, _) = failover_once(&cluster)
+            .await
+            .with_context(|| format!("failover round {round}"))?;
+        eprintln!("keel-bench: failover round {round}: {ms:.0} ms");
+        failovers.push(ms);
+    }
+    let mut sorted = failovers.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let failover_median = sorted[sorted.len() / 2];
+
+    println!(
+        "\nKeel cluster benchmark (3 nodes in network namespaces, {} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<34} {:>7} {:>9} {:>9} {:>10} {:>6}",
+        "write path", "writes", "p50 ms", "p99 ms", "writes/s", "errors"
+    );
+    for (name, s) in &rows {
+        println!(
+            "{:<34} {:>7} {:>9.2} {:>9.2} {:>10.0} {:>6}",
+            name, s.n, s.p50_ms, s.p99_ms, s.throughput, s.errors
+        );
+    }
+    println!(
+        "\nleader failover (kill -9 → write accepted), median of {}: {:.0} ms  (rounds: {})",
+        failovers.len(),
+        failover_median,
+        failovers
+            .iter()
+            .map(|f| format!("{f:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let rss_mib: Vec<f64> = rss.iter().map(|k| *k as f64 / 1024.0).collect();
+    println!(
+        "node service RSS idle: {} MiB",
+        rss_mib
+            .iter()
+            .map(|r| format!("{r:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+
+    let report = json!({
+        "bench": "cluster",
+        "nodes": 3,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "writes": rows.iter().map(|(n, s)| (n.clone(), stats_json(s))).collect::<serde_json::Map<_, _>>(),
+        "failover_ms": {"median": failover_median, "rounds": failovers},
+        "rss_idle_mib": rss_mib,
+    });
+    if let Some(dir) = std::path::Path::new(&out_path).parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&out_path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwrote {out_path}");
+    Ok(())
+}
