@@ -49,7 +49,11 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Raft timing. The defaults keep failover near one second on a busy 2-core host.
+/// Raft timing. openraft's leader lease equals `election_timeout_max_ms`: a follower
+/// refuses to vote until that long after the last heartbeat, so a first candidate usually
+/// loses and the election completes on its second timeout. Failover therefore takes
+/// roughly `2 × election_timeout_min_ms` to `election_timeout_min_ms + election_timeout_max_ms`;
+/// the defaults aim at about one second while tolerating half-second stalls of a busy host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftTuning {
@@ -64,9 +68,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 700,
-            election_timeout_max_ms: 1400,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 800,
             snapshot_every: 5000,
             write_timeout_ms: 10_000,
         }
@@ -743,7 +747,20 @@ impl ClusterDb {
                         .get_node(&id)
                         .cloned();
                     match node {
-                        Some(node) => self.forward(&member, id, &node, &op, remaining).await,
+                        Some(node) => {
+                            // A dead leader's connection can hang until a timeout; abandon
+                            // the forward as soon as raft names another leader. (The
+                            // abandoned call may still have committed on a live old
+                            // leader: writes are retried, so commands must tolerate a
+                            // repeat.)
+                            let mut metrics = member.raft.metrics();
+                            tokio::select! {
+                                r = self.forward(&member, id, &node, &op, remaining) => r,
+                                _ = metrics.wait_for(|m| m.current_leader != Some(id)) => {
+                                    Err(OpError::NotLeader { leader: None })
+                                }
+                            }
+                        }
                         None => Err(OpError::NotLeader { leader: None }),
                     }
                 }

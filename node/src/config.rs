@@ -86,12 +86,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is invalid")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    /// `detail` is toml's message flattened onto one line with its position.
+    #[error("config file {path} is invalid: {detail}")]
+    Parse { path: PathBuf, detail: String },
     #[error("invalid configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -102,9 +99,9 @@ impl NodeConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+        Self::from_toml(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            detail: one_line(&text, &e),
         })
     }
 
@@ -167,6 +164,20 @@ impl NodeConfig {
     }
 }
 
+/// toml's own Display draws a multi-line caret diagram; operators and scripts get one line.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +220,17 @@ mod tests {
             ..Default::default()
         };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn parse_errors_are_one_line_naming_the_problem() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("keel.toml");
+        std::fs::write(&path, "name = \"n1\"\nwrite_timeout = 3\n").expect("write");
+        let msg = NodeConfig::from_file(&path).unwrap_err().to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(msg.contains("unknown field `write_timeout`"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub fn main() -> ExitCode {
                     line.push_str(&part);
                 }
             }
-            tracing::error!(error = %line, "exiting");
+            // One line, on stderr only: scripts and tests read it, and a tracing record of
+            // the same text would say it twice.
             eprintln!("keel: error: {line}");
             ExitCode::FAILURE
         }

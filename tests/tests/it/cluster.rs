@@ -23,9 +23,8 @@ async fn a_node_that_cannot_start_fails_fast_with_its_log() {
     assert!(msg.contains("/nonexistent/keel"), "{msg}");
 }
 
-/// Needs a working `keel` (`cargo build -p keel-node`); run with `--ignored` until then.
+/// Needs a working `keel` (`cargo build -p keel-node`; scripts/test builds it first).
 #[tokio::test]
-#[ignore = "needs a working keel binary: cargo build -p keel-node, then run with --ignored"]
 async fn three_nodes_form_one_cluster() -> anyhow::Result<()> {
     keel_tests::skip_unless_root!(Ok(()));
     use keel_tests::wait::{millis, secs, wait_until};

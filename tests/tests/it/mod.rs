@@ -3,14 +3,39 @@
 //! * `plumbing` — the harness itself with stand-in processes: namespaces, bridge,
 //!   partitions, heal, kill/stop/restart, cleanup.
 //! * `cluster` — `TestCluster` against the real `keel` binary.
+//! * `formation` — three nodes formed with tokens: voters, health, inventory, the HTTPS API.
+//! * `voters` — five voters as the cluster grows; a lost voter replaced by a learner.
+//! * `failover` — leader kill -9: a new leader, duties move, the old one rejoins.
+//! * `partition` — a minority cannot commit, the majority goes on, healing converges.
+//! * `durability` — restarting every node keeps every committed entry.
+//! * `tokens` — reused, forged, garbage and foreign-CA join tokens change nothing.
+//! * `peer_port` — the mTLS peer port refuses plain TCP, HTTP and foreign certificates.
+//! * `bad_input` — `keel serve` refuses bad configs, busy ports, bad data dirs.
+//! * `witness` — two servers and a witness survive losing a server.
+//! * `disk_full` — a follower whose disk fills recovers when space returns.
 
+mod bad_input;
 mod cluster;
+mod disk_full;
+mod durability;
+mod failover;
+mod formation;
+mod partition;
+mod peer_port;
 mod plumbing;
+mod tokens;
+mod voters;
+mod witness;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context, Result};
+use keel_tests::cluster::{ClusterOptions, TestCluster};
 use keel_tests::process::{ManagedProcess, ProcessSpec};
+use keel_tests::wait::{millis, wait_until};
 use keel_tests::TestNet;
+use serde_json::Value;
 
 /// Port the stand-in servers listen on.
 pub const STAND_IN_PORT: u16 = 8000;
@@ -64,4 +89,194 @@ pub fn stand_in(
         .arg(if forks { "1" } else { "0" })
         .arg(if ignore_term { "1" } else { "0" });
     ManagedProcess::spawn(spec).expect("spawn stand-in")
+}
+
+/// Short duty timings for tests that watch health and voter changes happen.
+pub const FAST_DUTIES: &str = "[duties]
+heartbeat_interval_ms = 300
+suspect_after_ms = 1000
+down_after_ms = 2500
+voter_replace_after_ms = 4000
+tick_ms = 200
+";
+
+/// A `keel serve --config` file that lives as long as the returned guard, and cluster
+/// options that pass it to every node.
+pub fn with_config(toml: &str) -> Result<(tempfile::TempPath, ClusterOptions)> {
+    use std::io::Write;
+    let mut f = tempfile::Builder::new()
+        .prefix("keel-test-config-")
+        .suffix(".toml")
+        .tempfile()?;
+    f.write_all(toml.as_bytes())?;
+    let path = f.into_temp_path();
+    let opts = ClusterOptions {
+        extra_serve_args: vec!["--config".into(), path.display().to_string()],
+        ..ClusterOptions::default()
+    };
+    Ok((path, opts))
+}
+
+/// A CLI call on host `i` that may fail without marking the test failed (for probes
+/// inside waits); parses the JSON output.
+pub async fn cli_quiet(c: &TestCluster, i: usize, args: &[&str]) -> Result<Value> {
+    let out = c.cli_raw(i, args).await?;
+    if !out.success() {
+        bail!(
+            "{} keel {}: {}",
+            c.name(i),
+            args.join(" "),
+            out.stderr.trim()
+        );
+    }
+    Ok(serde_json::from_str(&out.stdout)?)
+}
+
+/// `(voters, learners)` as host `i` sees them.
+pub async fn roles(c: &TestCluster, i: usize) -> Result<(Vec<u64>, Vec<u64>)> {
+    let s = cli_quiet(c, i, &["cluster", "status"]).await?;
+    let ids = |k: &str| -> Vec<u64> {
+        let mut v: Vec<u64> = s[k]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    };
+    Ok((ids("voters"), ids("learners")))
+}
+
+/// Waits until the leader's membership has exactly `n` voters; returns them.
+pub async fn wait_voters(c: &TestCluster, n: usize, timeout: Duration) -> Result<Vec<u64>> {
+    Ok(
+        wait_until(format!("{n} voters"), timeout, millis(200), || async {
+            let leader = c.leader().await?;
+            let (voters, learners) = roles(c, leader).await?;
+            if voters.len() == n {
+                Ok(Some(voters))
+            } else {
+                Err(anyhow!("voters {voters:?}, learners {learners:?}"))
+            }
+        })
+        .await?,
+    )
+}
+
+/// The host named `name` in a `node list` answer.
+pub fn host_named<'a>(nodes: &'a Value, name: &str) -> Result<&'a Value> {
+    nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == name))
+        .ok_or_else(|| anyhow!("no host {name} in {nodes}"))
+}
+
+/// Every setting host `i` holds, as sorted `(key, value)` pairs, read over HTTPS.
+pub async fn settings(c: &TestCluster, i: usize) -> Result<Vec<(String, String)>> {
+    let list = c.api(i)?.get("/api/v1/settings").await?;
+    let mut out: Vec<(String, String)> = list
+        .as_array()
+        .ok_or_else(|| anyhow!("settings list is not an array: {list}"))?
+        .iter()
+        .map(|s| {
+            (
+                s["key"].as_str().unwrap_or_default().to_string(),
+                s["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Waits until host `i` holds setting `key` with `value`.
+pub async fn wait_setting(
+    c: &TestCluster,
+    i: usize,
+    key: &str,
+    value: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(
+        format!("{} to hold setting {key}={value}", c.name(i)),
+        timeout,
+        millis(200),
+        || async {
+            let got = c.api(i)?.get_setting(key).await?;
+            if got["value"] == value {
+                Ok(Some(()))
+            } else {
+                Err(anyhow!("{got}"))
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Writes a setting through host `i`, retrying for a few seconds while the cluster
+/// settles (a leader elected a moment ago).
+pub async fn put_setting_settled(c: &TestCluster, i: usize, key: &str, value: &str) -> Result<()> {
+    let api = c.api(i)?;
+    wait_until(
+        format!("a write of {key} through {} to commit", c.name(i)),
+        Duration::from_secs(15),
+        millis(250),
+        || async { api.put_setting(key, value).await.map(Some) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// An HTTP/1.1 request on a node's admin socket (unaffected by network partitions):
+/// returns the status and the JSON body (`Null` when empty).
+pub async fn socket_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let exchange = async {
+        let mut s = tokio::net::UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connect {}", socket.display()))?;
+        s.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        anyhow::Ok(String::from_utf8_lossy(&raw).into_owned())
+    };
+    let raw = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "{method} {path} on {}: no answer within {timeout:?}",
+                socket.display()
+            )
+        })??;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP answer: {raw:?}"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        bail!("chunked answers are not handled: {raw:?}");
+    }
+    let json = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).with_context(|| format!("body is not JSON: {body:?}"))?
+    };
+    Ok((status, json))
 }
