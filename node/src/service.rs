@@ -296,7 +296,7 @@ async fn raft_failed_then_space_back(db: ClusterDb, data_dir: PathBuf) {
     }
     loop {
         let free = nix::sys::statvfs::statvfs(&data_dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available() * s.fragment_size())
             .unwrap_or(0);
         if free >= MIN_FREE_BYTES {
             tracing::warn!(
