@@ -36,7 +36,7 @@ use crate::model::{
 use crate::store::{self, LogStore, StateMachineStore, StateReader, StoreError};
 use crate::tls::{self, CaMaterial, NodeIdentity, TlsError};
 use crate::token::{random_hex, sha256_hex, JoinTokenBody};
-use crate::transport::{self, PeerConnector, PeerHandler, TransportError};
+use crate::transport::{self, PeerConnector, PeerHandler, PeerRpc, TransportError};
 use crate::types::{KeelNode, NodeId, Raft, RaftMetrics, Request, Response};
 
 const PENDING_INIT: &str = "pending-init.json";
@@ -796,7 +796,7 @@ impl ClusterDb {
         })?;
         match member
             .connector
-            .leader_op(leader, &node.peer_addr, json, timeout)
+            .call(PeerRpc::Leader, leader, &node.peer_addr, json, timeout)
             .await
         {
             Ok(reply) => {
@@ -995,7 +995,13 @@ impl ClusterDb {
                 })?;
                 member
                     .connector
-                    .heartbeat(leader, &node.peer_addr, json, Duration::from_secs(1))
+                    .call(
+                        PeerRpc::Heartbeat,
+                        leader,
+                        &node.peer_addr,
+                        json,
+                        Duration::from_secs(1),
+                    )
                     .await?;
                 Ok(())
             }

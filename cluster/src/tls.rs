@@ -214,6 +214,29 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn versions_error(source: rustls::Error) -> TlsError {
+    TlsError::Config {
+        what: "protocol versions",
+        source,
+    }
+}
+
+/// A client config builder with the ring provider and the safe protocol versions.
+fn client_builder() -> Result<rustls::ConfigBuilder<ClientConfig, rustls::WantsVerifier>, TlsError>
+{
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(versions_error)
+}
+
+/// A server config builder with the ring provider and the safe protocol versions.
+pub fn server_builder(
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, TlsError> {
+    ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(versions_error)
+}
+
 fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(ca_pem, "CA certificate")? {
@@ -231,12 +254,7 @@ pub fn peer_server_config(id: &NodeIdentity) -> Result<ServerConfig, TlsError> {
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_pem)?), provider())
             .build()
             .map_err(|source| TlsError::Verifier { source })?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Config {
-            what: "protocol versions",
-            source,
-        })?
+    let mut config = server_builder()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             parse_certs(&id.cert_chain_pem, "node certificate")?,
@@ -252,12 +270,7 @@ pub fn peer_server_config(id: &NodeIdentity) -> Result<ServerConfig, TlsError> {
 
 /// Client side of the peer port: trusts only the cluster CA, presents the node certificate.
 pub fn peer_client_config(id: &NodeIdentity) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Config {
-            what: "protocol versions",
-            source,
-        })?
+    let mut config = client_builder()?
         .with_root_certificates(roots(&id.ca_pem)?)
         .with_client_auth_cert(
             parse_certs(&id.cert_chain_pem, "node certificate")?,
@@ -273,12 +286,7 @@ pub fn peer_client_config(id: &NodeIdentity) -> Result<ClientConfig, TlsError> {
 
 /// A client that trusts only the given CA (PEM): the CLI and tests talking to the API.
 pub fn ca_client_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Config {
-            what: "protocol versions",
-            source,
-        })?
+    Ok(client_builder()?
         .with_root_certificates(roots(ca_pem)?)
         .with_no_client_auth())
 }
@@ -290,12 +298,7 @@ pub fn pinned_client_config(ca_fingerprint: &str) -> Result<ClientConfig, TlsErr
         fingerprint: ca_fingerprint.to_ascii_lowercase(),
         provider: provider(),
     };
-    Ok(ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Config {
-            what: "protocol versions",
-            source,
-        })?
+    Ok(client_builder()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth())

@@ -225,9 +225,10 @@ impl PeerConnector {
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
 
-    /// Calls `Leader` on `target` with a JSON request and returns its JSON reply.
-    pub async fn leader_op(
+    /// Calls a non-raft RPC on `target` with a JSON request and returns its JSON reply.
+    pub async fn call(
         &self,
+        rpc: PeerRpc,
         target: NodeId,
         peer_addr: &str,
         json: Vec<u8>,
@@ -236,29 +237,23 @@ impl PeerConnector {
         let mut client = self.client(target, peer_addr)?;
         let mut req = TonicRequest::new(Payload { json });
         req.set_timeout(timeout);
-        client
-            .leader(req)
-            .await
+        let reply = match rpc {
+            PeerRpc::Leader => client.leader(req).await,
+            PeerRpc::Heartbeat => client.heartbeat(req).await,
+        };
+        reply
             .map(|r| r.into_inner().json)
             .map_err(TransportError::Status)
     }
+}
 
-    pub async fn heartbeat(
-        &self,
-        target: NodeId,
-        peer_addr: &str,
-        json: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, TransportError> {
-        let mut client = self.client(target, peer_addr)?;
-        let mut req = TonicRequest::new(Payload { json });
-        req.set_timeout(timeout);
-        client
-            .heartbeat(req)
-            .await
-            .map(|r| r.into_inner().json)
-            .map_err(TransportError::Status)
-    }
+/// The peer RPCs besides raft's own.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRpc {
+    /// A forwarded leader-only operation.
+    Leader,
+    /// A member's liveness report.
+    Heartbeat,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerConnector {

@@ -132,14 +132,8 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 }
 
 fn api_tls_config(identity: &NodeIdentity) -> Result<Arc<rustls::ServerConfig>, ServeError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| {
-            ServeError::Tls(tls::TlsError::Config {
-                what: "protocol versions",
-                source: e,
-            })
-        })?
+    let mut config = tls::server_builder()
+        .map_err(ServeError::Tls)?
         .with_no_client_auth()
         .with_single_cert(
             tls::parse_certs(&identity.cert_chain_pem, "node certificate")
