@@ -158,7 +158,11 @@ pub async fn serve(
         .timeout(Duration::from_secs(60))
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // Without TCP_NODELAY, small h2 frames wait on delayed ACKs (~40 ms stalls).
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |stream| stream.and_then(|s| s.set_nodelay(true).map(|()| s)),
+            ),
             shutdown,
         )
         .await

@@ -210,7 +210,11 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     };
     let rustls_config = RustlsConfig::from_config(api_tls_config(&identity)?);
     let handle = axum_server::Handle::new();
-    let https = axum_server::from_tcp_rustls(api_listener, rustls_config.clone())
+    // TCP_NODELAY: small responses must not wait on delayed ACKs.
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(rustls_config.clone())
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let https = axum_server::from_tcp(api_listener)
+        .acceptor(acceptor)
         .handle(handle.clone())
         .serve(api::https_router(state.clone()).into_make_service());
     let https_task = tokio::spawn(async move {
