@@ -178,6 +178,20 @@ async fn failover_once(cluster: &TestCluster) -> Result<f64> {
     );
     cluster.restart(leader).await?;
     cluster.wait_converged().await?;
+    // Start the next round from a settled cluster: every node has applied the same log.
+    wait_until(
+        "every node to apply the same log",
+        Duration::from_secs(30),
+        millis(50),
+        || async {
+            let mut applied = Vec::new();
+            for i in 0..cluster.len() {
+                applied.push(cluster.status(i).await?["last_applied"].as_u64());
+            }
+            Ok((applied.iter().all(|a| a.is_some() && *a == applied[0])).then_some(()))
+        },
+    )
+    .await?;
     Ok(failover.as_secs_f64() * 1000.0)
 }
 
