@@ -23,6 +23,7 @@ mod formation;
 mod partition;
 mod peer_port;
 mod plumbing;
+mod removal;
 mod tokens;
 mod voters;
 mod witness;
