@@ -368,7 +368,13 @@ pub async fn local_raft_bench(
     let mut latencies_us = Vec::new();
     let mut errors = 0;
     while let Some(done) = tasks.join_next().await {
-        let (lat, err) = done.map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let (lat, err) = done.map_err(|e| {
+            ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("a benchmark task failed: {e}"),
+            )
+        })?;
         latencies_us.extend(lat);
         errors += err;
     }
