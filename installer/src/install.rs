@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::answer::{format_problems, Answer, AnswerError, Partial, Problem};
+use crate::answer::{Answer, AnswerError, Partial, Problem};
 use crate::disk::{select_disk, Disk};
 use crate::net::{resolve_interface, Nic};
 use crate::plan::{FsIds, Plan, PlanInput};
@@ -138,11 +138,6 @@ pub fn preflight(live: &LiveLayout) -> Result<(), String> {
             missing.join(", ")
         ))
     }
-}
-
-/// Formats problems for the console.
-pub fn problems_text(problems: &[Problem]) -> String {
-    format_problems(problems)
 }
 
 #[cfg(test)]
