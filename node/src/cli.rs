@@ -95,7 +95,9 @@ pub enum ClusterCmd {
     #[command(subcommand)]
     Token(TokenCmd),
     /// Join this server to a cluster with a token from `keel cluster token create`.
-    Join { token: String },
+    /// Without TOKEN (or with `-`) the token is read from standard input, which keeps it
+    /// out of the process list.
+    Join { token: Option<String> },
     /// Show the cluster as this node sees it.
     Status,
 }
@@ -188,6 +190,20 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
             })
         }
         Cmd::Cluster(ClusterCmd::Join { token }) => {
+            let token = match token.as_deref() {
+                None | Some("-") => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    let line = line.trim().to_string();
+                    if line.is_empty() {
+                        anyhow::bail!(
+                            "no join token given: pass it as an argument or on standard input"
+                        );
+                    }
+                    line
+                }
+                Some(t) => t.to_string(),
+            };
             let reply: LocalJoinReply = client
                 .post("/local/v1/join", &json!({ "token": token }))
                 .await?;
