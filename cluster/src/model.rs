@@ -745,6 +745,38 @@ fn new_host_record(id: NodeId, host: &NewHost, zone: &str, cc: &str, now_ms: u64
     }
 }
 
+/// A fixed `InitCluster` command for the crate's unit tests.
+#[cfg(test)]
+pub(crate) fn test_init_command() -> Command {
+    Command::InitCluster {
+        info: ClusterInfo {
+            cluster_id: "c1".into(),
+            name: "lab".into(),
+            created_at_ms: 1,
+            ca_cert_pem: "pem".into(),
+            ca_fingerprint: "fp".into(),
+        },
+        ca_key: CaKey {
+            key_pem: "key".into(),
+        },
+        admin: Credential {
+            name: "admin".into(),
+            role: Role::Admin,
+            token_sha256: "h".into(),
+            created_at_ms: 1,
+        },
+        zone: "zone1".into(),
+        compute_cluster: "cluster1".into(),
+        first_host: NewHost {
+            name: "n1".into(),
+            peer_addr: "10.0.0.1:7400".into(),
+            api_addr: "10.0.0.1:8443".into(),
+            witness: false,
+        },
+        now_ms: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -766,34 +798,9 @@ mod tests {
 
     fn init(conn: &Connection) {
         assert_eq!(
-            apply(conn, &init_command()),
+            apply(conn, &test_init_command()),
             Ok(Outcome::HostJoined { host_id: 1 })
         );
-    }
-
-    fn init_command() -> Command {
-        Command::InitCluster {
-            info: ClusterInfo {
-                cluster_id: "c1".into(),
-                name: "lab".into(),
-                created_at_ms: 1,
-                ca_cert_pem: "pem".into(),
-                ca_fingerprint: "fp".into(),
-            },
-            ca_key: CaKey {
-                key_pem: "key".into(),
-            },
-            admin: Credential {
-                name: "admin".into(),
-                role: Role::Admin,
-                token_sha256: "h".into(),
-                created_at_ms: 1,
-            },
-            zone: "zone1".into(),
-            compute_cluster: "cluster1".into(),
-            first_host: new_host("n1", 1),
-            now_ms: 1,
-        }
     }
 
     fn token(conn: &Connection, id: &str, expires_at_ms: u64) {
@@ -829,7 +836,7 @@ mod tests {
         let conn = db();
         init(&conn);
         assert_eq!(
-            apply(&conn, &init_command()),
+            apply(&conn, &test_init_command()),
             Err(CommandError::AlreadyInitialized {
                 cluster_id: "c1".into()
             })

@@ -12,9 +12,7 @@ use rusqlite::Connection;
 use tempfile::TempDir;
 
 use super::{open, LogStore, StateMachineStore, StoreError, APPLICATION_ID};
-use crate::model::{
-    self, CaKey, ClusterInfo, Command, CommandError, Credential, NewHost, Outcome, Role,
-};
+use crate::model::{self, Command, CommandError, Outcome};
 use crate::types::{Entry, KeelNode, LogId, Request, StorageError, TypeConfig, Vote};
 
 // ---- helpers ----------------------------------------------------------------------
@@ -52,36 +50,6 @@ fn membership(term: u64, index: u64) -> Entry {
             vec![BTreeSet::from([1])],
             BTreeMap::from([(1, node)]),
         )),
-    }
-}
-
-fn init_cluster() -> Command {
-    Command::InitCluster {
-        info: ClusterInfo {
-            cluster_id: "c1".into(),
-            name: "lab".into(),
-            created_at_ms: 1,
-            ca_cert_pem: "pem".into(),
-            ca_fingerprint: "fp".into(),
-        },
-        ca_key: CaKey {
-            key_pem: "key".into(),
-        },
-        admin: Credential {
-            name: "admin".into(),
-            role: Role::Admin,
-            token_sha256: "h".into(),
-            created_at_ms: 1,
-        },
-        zone: "zone1".into(),
-        compute_cluster: "cluster1".into(),
-        first_host: NewHost {
-            name: "n1".into(),
-            peer_addr: "10.0.0.1:7400".into(),
-            api_addr: "10.0.0.1:8443".into(),
-            witness: false,
-        },
-        now_ms: 1,
     }
 }
 
@@ -296,7 +264,7 @@ async fn reopen_keeps_vote_log_and_state() {
         log.save_vote(&vote).await.expect("vote");
         let entries = vec![
             membership(1, 1),
-            normal(1, 2, init_cluster()),
+            normal(1, 2, crate::model::test_init_command()),
             blank(2, 3),
             blank(2, 4),
             blank(2, 5),
@@ -353,7 +321,10 @@ async fn crash_image_reopens_with_everything_committed() {
     let vote = Vote::new_committed(2, 1);
     let (mut log, mut sm, _reader) = open_ok(&dir);
     log.save_vote(&vote).await.expect("vote");
-    let entries = vec![membership(1, 1), normal(1, 2, init_cluster())];
+    let entries = vec![
+        membership(1, 1),
+        normal(1, 2, crate::model::test_init_command()),
+    ];
     log.blocking_append(entries.clone()).await.expect("append");
     sm.apply(entries).await.expect("apply");
 
@@ -452,8 +423,8 @@ async fn rejections_are_recorded_as_responses() {
 
     let responses = sm
         .apply([
-            normal(1, 2, init_cluster()),
-            normal(1, 3, init_cluster()),
+            normal(1, 2, crate::model::test_init_command()),
+            normal(1, 3, crate::model::test_init_command()),
             membership(1, 4),
         ])
         .await
@@ -480,7 +451,7 @@ async fn rejections_are_recorded_as_responses() {
 async fn storage_failure_during_apply_fails_the_batch_and_records_nothing() {
     let dir = TempDir::new().expect("temp dir");
     let (_log, mut sm, reader) = open_ok(&dir);
-    sm.apply([normal(1, 1, init_cluster())])
+    sm.apply([normal(1, 1, crate::model::test_init_command())])
         .await
         .expect("init");
 
@@ -519,7 +490,7 @@ async fn snapshot_carries_the_model_state_to_another_node() {
     leader
         .apply([
             membership(1, 1),
-            normal(1, 2, init_cluster()),
+            normal(1, 2, crate::model::test_init_command()),
             normal(1, 3, create_token("t1", 8)),
         ])
         .await
@@ -606,9 +577,12 @@ async fn snapshot_carries_the_model_state_to_another_node() {
 async fn a_bad_snapshot_is_refused_and_the_state_kept() {
     let dir = TempDir::new().expect("temp dir");
     let (_log, mut sm, reader) = open_ok(&dir);
-    sm.apply([membership(1, 1), normal(1, 2, init_cluster())])
-        .await
-        .expect("apply");
+    sm.apply([
+        membership(1, 1),
+        normal(1, 2, crate::model::test_init_command()),
+    ])
+    .await
+    .expect("apply");
     let before = sm.applied_state().await.expect("applied");
 
     let foreign = TempDir::new().expect("temp dir");
