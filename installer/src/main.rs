@@ -123,6 +123,13 @@ fn machine(
     Ok((disks, nics))
 }
 
+/// Reads the answer file at `answer` and resolves it against the machine in `args`.
+fn resolve_on_machine(answer: &Path, args: &MachineArgs) -> Result<Resolved, String> {
+    let (disks, nics) = machine(args)?;
+    resolve_text(&answer.display().to_string(), &read(answer)?, &disks, &nics)
+        .map_err(|e| e.to_string())
+}
+
 fn read(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the answer file {}: {e}", path.display()))
@@ -143,14 +150,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let (disks, nics) = machine(&m)?;
-            let r = resolve_text(
-                &answer.display().to_string(),
-                &read(&answer)?,
-                &disks,
-                &nics,
-            )
-            .map_err(|e| e.to_string())?;
+            let r = resolve_on_machine(&answer, &m)?;
             println!(
                 "{}: valid; it installs on {} with management interface {} ({})",
                 answer.display(),
@@ -165,14 +165,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             squashfs,
             target,
         } => {
-            let (disks, nics) = machine(&m)?;
-            let r = resolve_text(
-                &answer.display().to_string(),
-                &read(&answer)?,
-                &disks,
-                &nics,
-            )
-            .map_err(|e| e.to_string())?;
+            let r = resolve_on_machine(&answer, &m)?;
             let live = LiveLayout {
                 squashfs,
                 target,
@@ -186,16 +179,12 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             dry_run,
             yes,
         } => {
-            let (disks, nics) = machine(&MachineArgs {
-                sysfs: "/sys".into(),
-            })?;
-            let r = resolve_text(
-                &answer.display().to_string(),
-                &read(&answer)?,
-                &disks,
-                &nics,
-            )
-            .map_err(|e| e.to_string())?;
+            let r = resolve_on_machine(
+                &answer,
+                &MachineArgs {
+                    sysfs: "/sys".into(),
+                },
+            )?;
             let mut console = Console::stdout();
             if dry_run {
                 print!("{}", make_plan(&r, &LiveLayout::default()).render());
