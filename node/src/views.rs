@@ -16,6 +16,15 @@ fn state_name(state: ServerState) -> &'static str {
     }
 }
 
+/// Voter and learner ids of the membership raft last reported.
+fn roles(m: &keel_cluster::types::RaftMetrics) -> (Vec<u64>, Vec<u64>) {
+    let membership = m.membership_config.membership();
+    (
+        membership.voter_ids().collect(),
+        membership.learner_ids().collect(),
+    )
+}
+
 pub fn cluster_view(db: &ClusterDb, info: Option<ClusterInfo>) -> ClusterView {
     let Some(m) = db.metrics() else {
         return ClusterView {
@@ -33,10 +42,10 @@ pub fn cluster_view(db: &ClusterDb, info: Option<ClusterInfo>) -> ClusterView {
             ca_fingerprint: None,
         };
     };
-    let membership = m.membership_config.membership();
-    let voters: Vec<u64> = membership.voter_ids().collect();
-    let learners: Vec<u64> = membership.learner_ids().collect();
-    let members = membership
+    let (voters, learners) = roles(&m);
+    let members = m
+        .membership_config
+        .membership()
         .nodes()
         .map(|(id, node)| MemberView {
             id: *id,
@@ -69,17 +78,8 @@ pub fn cluster_view(db: &ClusterDb, info: Option<ClusterInfo>) -> ClusterView {
 
 pub fn host_views(db: &ClusterDb, hosts: Vec<Host>) -> Vec<HostView> {
     let metrics = db.metrics();
-    let (voters, learners, leader): (Vec<u64>, Vec<u64>, Option<u64>) = match &metrics {
-        Some(m) => {
-            let ms = m.membership_config.membership();
-            (
-                ms.voter_ids().collect(),
-                ms.learner_ids().collect(),
-                m.current_leader,
-            )
-        }
-        None => (vec![], vec![], None),
-    };
+    let (voters, learners) = metrics.as_ref().map(roles).unwrap_or_default();
+    let leader = metrics.and_then(|m| m.current_leader);
     hosts
         .into_iter()
         .map(|h| {
