@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod compute;
 pub mod config;
 pub mod duties;
 pub mod inventory;

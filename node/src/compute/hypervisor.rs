@@ -1,0 +1,122 @@
+//! The narrow interface between the compute reconciler and a hypervisor. The real
+//! implementation is [`super::libvirt::Libvirt`] (every `virt::` call lives there); the fake
+//! in [`super::fake`] keeps domains in memory for unit tests of the logic above it.
+//!
+//! All calls are blocking (libvirt's API is): async callers wrap them in
+//! `tokio::task::spawn_blocking`. Every call is idempotent where the operation allows it:
+//! destroying a stopped domain or undefining an absent one succeeds.
+
+use uuid::Uuid;
+
+/// A domain's run state as the hypervisor reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainState {
+    Running,
+    Paused,
+    /// An ACPI shutdown is in progress.
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    /// A state the reconciler does not act on (no state, suspended to memory).
+    Other,
+}
+
+/// What the hypervisor knows about one domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub uuid: Uuid,
+    pub name: String,
+    pub state: DomainState,
+    /// Defined (survives a stop) rather than transient.
+    pub persistent: bool,
+    pub vcpus: u32,
+    pub memory_kib: u64,
+}
+
+/// What the host's hypervisor offers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HostCapabilities {
+    pub libvirt_version: String,
+    pub hypervisor_version: String,
+    /// Domain types the hypervisor advertises for x86_64 (`qemu` for TCG, `kvm`).
+    /// Advertised is not the same as usable: see the KVM probe.
+    pub domain_types: Vec<String>,
+}
+
+/// How a live migration is run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationRequest {
+    /// libvirt URI of the destination host's libvirtd, as reachable from this host.
+    pub dest_uri: String,
+    /// Where qemu on the destination listens for the migration stream (`tcp://ADDR:PORT`).
+    pub migrate_uri: String,
+    /// The domain XML to define on the destination (its own disk and log paths).
+    pub dest_xml: String,
+    /// Copy disks that are not shared (`VIR_MIGRATE_NON_SHARED_INC`: only the
+    /// copy-on-write overlay; the template must already be on the destination).
+    pub copy_storage: bool,
+    /// Names of the disks (`vda`, …) to copy when `copy_storage` is set.
+    pub disks: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot connect to the hypervisor at {uri}")]
+    Connect {
+        uri: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("domain {uuid} does not exist on this host")]
+    NoSuchDomain { uuid: Uuid },
+    #[error("{operation} of domain {uuid} failed")]
+    Operation {
+        operation: &'static str,
+        uuid: Uuid,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{operation} failed")]
+    Host {
+        operation: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A bidirectional byte stream to a domain's serial console. Reads block until data arrives
+/// (or return 0 at the end); both halves may be used from different threads.
+pub trait ConsoleStream: Send + Sync {
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn write(&self, data: &[u8]) -> std::io::Result<usize>;
+    fn close(&self);
+}
+
+/// One host's hypervisor.
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Version and domain types; also proves the connection works.
+    fn capabilities(&self) -> Result<HostCapabilities, HypervisorError>;
+    /// Every domain on the host, Keel's or not.
+    fn list(&self) -> Result<Vec<DomainInfo>, HypervisorError>;
+    fn lookup(&self, uuid: Uuid) -> Result<Option<DomainInfo>, HypervisorError>;
+    /// The domain's current (live if running, else persistent) XML.
+    fn xml(&self, uuid: Uuid) -> Result<String, HypervisorError>;
+    /// Defines the domain persistently, replacing an existing definition with the same UUID.
+    fn define(&self, xml: &str) -> Result<DomainInfo, HypervisorError>;
+    /// Starts a defined domain. Starting a running domain succeeds.
+    fn start(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Asks the guest to power off (ACPI) and returns at once.
+    fn shutdown(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Powers the domain off at once. Destroying a stopped domain succeeds.
+    fn destroy(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Hard reset of a running domain.
+    fn reset(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Removes the definition (and its managed save and NVRAM). An absent domain succeeds.
+    fn undefine(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Live-migrates a running domain and blocks until it finished or failed. On success
+    /// the domain runs on the destination, persistent there and undefined here.
+    fn migrate(&self, uuid: Uuid, request: &MigrationRequest) -> Result<(), HypervisorError>;
+    /// Opens the domain's serial console (`serial0`), taking it over from another client.
+    fn open_console(&self, uuid: Uuid) -> Result<Box<dyn ConsoleStream>, HypervisorError>;
+}
