@@ -9,6 +9,8 @@
 //! Hierarchy: zone → compute cluster → host. Hosts carry their last reported inventory and
 //! the health the leader's heartbeat duty assigned (`up` → `suspect` → `down`).
 
+pub mod compute;
+
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -150,6 +152,15 @@ pub struct Host {
     pub health_since_ms: u64,
     pub inventory: Option<Inventory>,
     pub inventory_at_ms: Option<u64>,
+    /// Set while the host is drained for maintenance: placement skips it.
+    #[serde(default)]
+    pub maintenance: Option<Maintenance>,
+}
+
+/// A host taken out of placement by `keel node drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Maintenance {
+    pub since_ms: u64,
 }
 impl Record for Host {
     const KIND: &'static str = "host";
@@ -174,6 +185,20 @@ pub struct Inventory {
     pub nics: Vec<Nic>,
     pub kvm: KvmStatus,
     pub keel_version: String,
+    /// The hypervisor as the host's compute service sees it (`None`: not reported).
+    #[serde(default)]
+    pub hypervisor: Option<HypervisorReport>,
+}
+
+/// The host's hypervisor connection and what it can run.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HypervisorReport {
+    /// libvirt domain type VMs get: `kvm` when a probe guest booted under KVM, else `qemu`.
+    pub domain_type: String,
+    pub libvirt_version: String,
+    pub hypervisor_version: String,
+    /// Why the hypervisor cannot take VMs right now (`None`: it can).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -337,6 +362,10 @@ pub enum Command {
     DeleteSetting {
         key: String,
     },
+    /// VMs, templates, affinity groups (see [`compute`]).
+    Compute {
+        command: compute::ComputeCommand,
+    },
 }
 
 impl Command {
@@ -351,6 +380,7 @@ impl Command {
             Command::RemoveHost { .. } => "remove_host",
             Command::PutSetting { .. } => "put_setting",
             Command::DeleteSetting { .. } => "delete_setting",
+            Command::Compute { command } => command.kind(),
         }
     }
 }
@@ -364,6 +394,10 @@ pub enum Outcome {
     Unchanged,
     HostJoined {
         host_id: NodeId,
+    },
+    /// A record was created (or an operation started on one): its id.
+    Created {
+        id: String,
     },
 }
 
@@ -394,6 +428,18 @@ pub enum CommandError {
     SettingUnknown { key: String },
     #[error("a {kind} named {name:?} already exists")]
     NameTaken { kind: String, name: String },
+    #[error("VM {vm:?} does not exist: `keel vm list` shows the VMs")]
+    VmUnknown { vm: String },
+    #[error("VM {vm} is being deleted")]
+    VmDeleting { vm: String },
+    #[error("VM {vm} cannot do that now: {reason}")]
+    VmState { vm: String, reason: String },
+    #[error("template {template:?} does not exist: `keel template list` shows the templates")]
+    TemplateUnknown { template: String },
+    #[error("affinity group {group:?} does not exist: create it with `keel vm group create`")]
+    AffinityGroupUnknown { group: String },
+    #[error("{what} is still used by {}: remove those first", users.join(", "))]
+    InUse { what: String, users: Vec<String> },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("the state store failed while applying: {detail}")]
@@ -685,12 +731,14 @@ pub fn apply(conn: &Connection, command: &Command) -> Result<Outcome, CommandErr
         }
         Command::RemoveHost { host_id } => {
             require_host(conn, *host_id)?;
+            compute::unplace_host_vms(conn, *host_id)?;
             delete::<Host>(conn, &host_key(*host_id))?;
             Ok(Outcome::Done)
         }
         Command::PutSetting { key, value, now_ms } => {
             require_init(conn)?;
             validate_setting_key(key)?;
+            compute::validate_setting_value(key, value)?;
             if value.len() > MAX_SETTING_VALUE {
                 return Err(CommandError::Invalid {
                     field: "setting value".into(),
@@ -710,6 +758,7 @@ pub fn apply(conn: &Connection, command: &Command) -> Result<Outcome, CommandErr
             )?;
             Ok(Outcome::Done)
         }
+        Command::Compute { command } => compute::apply(conn, command),
         Command::DeleteSetting { key } => {
             if delete::<Setting>(conn, key)? {
                 Ok(Outcome::Done)
@@ -742,6 +791,7 @@ fn new_host_record(id: NodeId, host: &NewHost, zone: &str, cc: &str, now_ms: u64
         health_since_ms: now_ms,
         inventory: None,
         inventory_at_ms: None,
+        maintenance: None,
     }
 }
 
