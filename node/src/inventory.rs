@@ -52,6 +52,7 @@ pub fn probe() -> Inventory {
                     .into(),
         },
         keel_version: env!("CARGO_PKG_VERSION").to_string(),
+        hypervisor: None,
     }
 }
 

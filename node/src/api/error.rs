@@ -66,6 +66,12 @@ impl From<CommandError> for ApiError {
             C::HostUnknown { .. } => (StatusCode::NOT_FOUND, "host_unknown"),
             C::SettingUnknown { .. } => (StatusCode::NOT_FOUND, "setting_unknown"),
             C::NameTaken { .. } => (StatusCode::CONFLICT, "name_taken"),
+            C::VmUnknown { .. } => (StatusCode::NOT_FOUND, "vm_unknown"),
+            C::VmDeleting { .. } => (StatusCode::CONFLICT, "vm_deleting"),
+            C::VmState { .. } => (StatusCode::CONFLICT, "vm_state"),
+            C::TemplateUnknown { .. } => (StatusCode::NOT_FOUND, "template_unknown"),
+            C::AffinityGroupUnknown { .. } => (StatusCode::NOT_FOUND, "affinity_group_unknown"),
+            C::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
             C::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
             C::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };
