@@ -105,6 +105,12 @@ pub enum ClusterError {
     Tls(#[from] TlsError),
     #[error("the peer transport failed")]
     Transport(#[from] TransportError),
+    #[error("node {node_id} did not answer")]
+    Peer {
+        node_id: NodeId,
+        #[source]
+        source: Box<TransportError>,
+    },
     #[error("raft stopped on this node: {detail}")]
     Fatal { detail: String },
     #[error("raft refused the request: {detail}")]
@@ -259,7 +265,23 @@ struct Inner {
     /// Serialises init and join attempts.
     membership_change: tokio::sync::Mutex<()>,
     heartbeats: HeartbeatBook,
+    host_services: RwLock<Option<Arc<dyn HostServices>>>,
     shutdown: CancellationToken,
+}
+
+/// What the node service offers other members on the peer port besides the cluster
+/// database: its host services (compute, storage). Registered with
+/// [`ClusterDb::set_host_services`]; requests arriving before that are refused as
+/// unavailable.
+#[tonic::async_trait]
+pub trait HostServices: Send + Sync + 'static {
+    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    async fn open_blob(&self, json: &[u8]) -> Result<transport::BlobReader, Status>;
+    async fn open_duplex(
+        &self,
+        header: &[u8],
+        inbound: transport::DuplexInbound,
+    ) -> Result<transport::DuplexOutbound, Status>;
 }
 
 /// The cluster database handle. Cheap to clone.
@@ -288,6 +310,7 @@ impl ClusterDb {
                 member_tx,
                 membership_change: tokio::sync::Mutex::new(()),
                 heartbeats: HeartbeatBook::default(),
+                host_services: RwLock::new(None),
                 shutdown: CancellationToken::new(),
                 config,
             }),
@@ -1080,5 +1103,105 @@ impl PeerHandler for ClusterDb {
             .map_err(|e| Status::invalid_argument(format!("malformed heartbeat: {e}")))?;
         self.inner.heartbeats.record(hb.node_id);
         Ok(b"{}".to_vec())
+    }
+
+    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status> {
+        self.host_services()?.host_op(json).await
+    }
+
+    async fn open_blob(&self, json: &[u8]) -> Result<transport::BlobReader, Status> {
+        self.host_services()?.open_blob(json).await
+    }
+
+    async fn open_duplex(
+        &self,
+        header: &[u8],
+        inbound: transport::DuplexInbound,
+    ) -> Result<transport::DuplexOutbound, Status> {
+        self.host_services()?.open_duplex(header, inbound).await
+    }
+}
+
+impl ClusterDb {
+    /// Registers the node's host services for peer requests.
+    pub fn set_host_services(&self, services: Arc<dyn HostServices>) {
+        *self
+            .inner
+            .host_services
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(services);
+    }
+
+    fn host_services(&self) -> Result<Arc<dyn HostServices>, Status> {
+        self.inner
+            .host_services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| Status::unavailable("host services are not running yet"))
+    }
+
+    fn peer_of(&self, target: NodeId) -> Result<(Arc<Member>, String), ClusterError> {
+        let member = self.member().ok_or(ClusterError::NotMember)?;
+        let host =
+            self.reader()
+                .read(|c| model::host(c, target))?
+                .ok_or(ClusterError::Rejected(model::CommandError::HostUnknown {
+                    host_id: target,
+                }))?;
+        Ok((member, host.peer_addr))
+    }
+
+    /// Calls host services on member `target` with a JSON request.
+    pub async fn host_call(
+        &self,
+        target: NodeId,
+        json: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let (member, addr) = self.peer_of(target)?;
+        member
+            .connector
+            .call(PeerRpc::Host, target, &addr, json, timeout)
+            .await
+            .map_err(|source| ClusterError::Peer {
+                node_id: target,
+                source: Box::new(source),
+            })
+    }
+
+    /// Opens a duplex stream to member `target`'s host services.
+    pub async fn duplex(
+        &self,
+        target: NodeId,
+        header: Vec<u8>,
+        outbound: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<tonic::Streaming<transport::Chunk>, ClusterError> {
+        let (member, addr) = self.peer_of(target)?;
+        member
+            .connector
+            .duplex(target, &addr, header, outbound)
+            .await
+            .map_err(|source| ClusterError::Peer {
+                node_id: target,
+                source: Box::new(source),
+            })
+    }
+
+    /// Opens a blob stream from member `target`.
+    pub async fn fetch_blob(
+        &self,
+        target: NodeId,
+        json: Vec<u8>,
+    ) -> Result<tonic::Streaming<transport::Chunk>, ClusterError> {
+        let (member, addr) = self.peer_of(target)?;
+        member
+            .connector
+            .fetch_blob(target, &addr, json)
+            .await
+            .map_err(|source| ClusterError::Peer {
+                node_id: target,
+                source: Box::new(source),
+            })
     }
 }

@@ -35,7 +35,7 @@ pub mod pb {
 
 use pb::peer_client::PeerClient;
 use pb::peer_server::{Peer, PeerServer};
-use pb::Payload;
+pub use pb::{Chunk, Payload};
 
 /// Largest message accepted on the peer port (snapshots are sent in chunks well below it).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -85,7 +85,28 @@ pub trait PeerHandler: Send + Sync + 'static {
     async fn leader_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
     /// Records a heartbeat from a member.
     async fn heartbeat(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    /// Handles a request for this node's host services.
+    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    /// Opens a blob this node holds for streaming to a member.
+    async fn open_blob(&self, json: &[u8]) -> Result<BlobReader, Status>;
+    /// Opens a two-way stream named by `header`; `inbound` carries the caller's bytes.
+    async fn open_duplex(
+        &self,
+        header: &[u8],
+        inbound: DuplexInbound,
+    ) -> Result<DuplexOutbound, Status>;
 }
+
+/// Bytes from the remote side of a duplex stream.
+pub type DuplexInbound = tokio::sync::mpsc::Receiver<Vec<u8>>;
+/// Bytes to the remote side of a duplex stream; an `Err` ends it with that status.
+pub type DuplexOutbound = tokio::sync::mpsc::Receiver<Result<Vec<u8>, Status>>;
+
+/// A blob being streamed out.
+pub type BlobReader = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// Size of the chunks a blob is streamed in.
+const BLOB_CHUNK_BYTES: usize = 256 * 1024;
 
 struct PeerService {
     raft: Raft,
@@ -129,6 +150,74 @@ impl Peer for PeerService {
     ) -> Result<TonicResponse<Payload>, Status> {
         let json = self.handler.heartbeat(&req.get_ref().json).await?;
         Ok(TonicResponse::new(Payload { json }))
+    }
+
+    async fn host(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
+        let json = self.handler.host_op(&req.get_ref().json).await?;
+        Ok(TonicResponse::new(Payload { json }))
+    }
+
+    type DuplexStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Chunk, Status>> + Send>>;
+
+    async fn duplex(
+        &self,
+        req: TonicRequest<tonic::Streaming<Chunk>>,
+    ) -> Result<TonicResponse<Self::DuplexStream>, Status> {
+        let mut inbound = req.into_inner();
+        let header = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("a duplex stream starts with a header"))?;
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        tokio::spawn(async move {
+            while let Ok(Some(chunk)) = inbound.message().await {
+                if in_tx.send(chunk.data).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let out = self.handler.open_duplex(&header.data, in_rx).await?;
+        let stream =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(out), |r| {
+                r.map(|data| Chunk { data })
+            });
+        Ok(TonicResponse::new(Box::pin(stream)))
+    }
+
+    type FetchBlobStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Chunk, Status>> + Send>>;
+
+    async fn fetch_blob(
+        &self,
+        req: TonicRequest<Payload>,
+    ) -> Result<TonicResponse<Self::FetchBlobStream>, Status> {
+        use tokio::io::AsyncReadExt;
+        let mut reader = self.handler.open_blob(&req.get_ref().json).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk, Status>>(4);
+        tokio::spawn(async move {
+            loop {
+                let mut data = vec![0u8; BLOB_CHUNK_BYTES];
+                match reader.read(&mut data).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        data.truncate(n);
+                        if tx.send(Ok(Chunk { data })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("read failed: {e}"))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(TonicResponse::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -244,9 +333,47 @@ impl PeerConnector {
         let reply = match rpc {
             PeerRpc::Leader => client.leader(req).await,
             PeerRpc::Heartbeat => client.heartbeat(req).await,
+            PeerRpc::Host => client.host(req).await,
         };
         reply
             .map(|r| r.into_inner().json)
+            .map_err(TransportError::Status)
+    }
+}
+
+impl PeerConnector {
+    /// Opens a duplex stream to `target`: `header` first, then whatever `outbound` yields.
+    pub async fn duplex(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        header: Vec<u8>,
+        outbound: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> Result<tonic::Streaming<Chunk>, TransportError> {
+        use tokio_stream::StreamExt;
+        let mut client = self.client(target, peer_addr)?;
+        let stream = tokio_stream::once(Chunk { data: header }).chain(
+            tokio_stream::wrappers::ReceiverStream::new(outbound).map(|data| Chunk { data }),
+        );
+        client
+            .duplex(TonicRequest::new(stream))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(TransportError::Status)
+    }
+
+    /// Opens a blob stream from `target`.
+    pub async fn fetch_blob(
+        &self,
+        target: NodeId,
+        peer_addr: &str,
+        json: Vec<u8>,
+    ) -> Result<tonic::Streaming<Chunk>, TransportError> {
+        let mut client = self.client(target, peer_addr)?;
+        client
+            .fetch_blob(TonicRequest::new(Payload { json }))
+            .await
+            .map(|r| r.into_inner())
             .map_err(TransportError::Status)
     }
 }
@@ -258,6 +385,8 @@ pub enum PeerRpc {
     Leader,
     /// A member's liveness report.
     Heartbeat,
+    /// A request for the target node's host services.
+    Host,
 }
 
 impl RaftNetworkFactory<TypeConfig> for PeerConnector {

@@ -1,5 +1,11 @@
 //! The `keel` command line. Every command but `serve` talks to the node service on this
 //! server through its admin socket (`--socket`, default /run/keel/keel.sock).
+//!
+//! VMs, operations and templates live in [`compute`]; size and duration parsers in
+//! [`size`].
+
+mod compute;
+mod size;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +47,15 @@ pub enum Cmd {
     /// Inspect and remove nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Create and manage virtual machines and affinity groups.
+    #[command(subcommand)]
+    Vm(compute::VmCmd),
+    /// Follow the asynchronous operations VM requests start.
+    #[command(subcommand)]
+    Op(compute::OpCmd),
+    /// Upload, import and manage the disk images VMs boot from.
+    #[command(subcommand)]
+    Template(compute::TemplateCmd),
     /// Tools for benchmarks and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCmd),
@@ -269,6 +284,9 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
                 )
             })
         }
+        Cmd::Vm(cmd) => compute::run_vm(&client, output, cmd).await,
+        Cmd::Op(cmd) => compute::run_op(&client, output, cmd).await,
+        Cmd::Template(cmd) => compute::run_template(&client, output, cmd).await,
         Cmd::Debug(DebugCmd::BenchRaft { count, concurrency }) => {
             let reply: RaftBenchReply = client
                 .post(

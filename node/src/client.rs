@@ -2,13 +2,21 @@
 
 use std::path::{Path, PathBuf};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use futures::Stream;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::api::types::ErrorBody;
+
+fn json_body(bytes: Vec<u8>) -> UnsyncBoxBody<Bytes, std::io::Error> {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -58,8 +66,40 @@ impl LocalClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// A POST without a body.
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::POST, path, None::<&()>).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
-        self.raw(Method::DELETE, path, Vec::new()).await.map(|_| ())
+        self.raw(Method::DELETE, path, json_body(Vec::new()), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// A DELETE whose answer has a body (e.g. `202` with the operation).
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None::<&()>).await
+    }
+
+    /// POSTs `len` bytes of `chunks` as the request body (`application/octet-stream`),
+    /// streamed: nothing is held in memory beyond the chunk in flight.
+    pub async fn post_stream<S, T>(&self, path: &str, len: u64, chunks: S) -> Result<T, ClientError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+        T: DeserializeOwned,
+    {
+        use futures::TryStreamExt;
+        let body = BodyExt::boxed_unsync(StreamBody::new(chunks.map_ok(Frame::data)));
+        let data = self
+            .raw(
+                Method::POST,
+                path,
+                body,
+                Some(("application/octet-stream", len)),
+            )
+            .await?;
+        serde_json::from_slice(&data).map_err(ClientError::Decode)
     }
 
     async fn call<B: Serialize, T: DeserializeOwned>(
@@ -72,11 +112,18 @@ impl LocalClient {
             Some(b) => serde_json::to_vec(b).map_err(ClientError::Decode)?,
             None => Vec::new(),
         };
-        let data = self.raw(method, path, bytes).await?;
+        let data = self.raw(method, path, json_body(bytes), None).await?;
         serde_json::from_slice(&data).map_err(ClientError::Decode)
     }
 
-    async fn raw(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
+    /// Sends one request. `raw_body` gives the content type and length of a non-JSON body.
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: UnsyncBoxBody<Bytes, std::io::Error>,
+        raw_body: Option<(&str, u64)>,
+    ) -> Result<Bytes, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
@@ -100,17 +147,21 @@ impl LocalClient {
             .await
             .map_err(http)?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "keel.local")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| ClientError::Api {
-                status: StatusCode::BAD_REQUEST,
-                code: "bad_request".into(),
-                message: e.to_string(),
-            })?;
+            .header("host", "keel.local");
+        req = match raw_body {
+            None => req.header("content-type", "application/json"),
+            Some((content_type, len)) => req
+                .header("content-type", content_type)
+                .header("content-length", len),
+        };
+        let req = req.body(body).map_err(|e| ClientError::Api {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request".into(),
+            message: e.to_string(),
+        })?;
         let resp = sender.send_request(req).await.map_err(http)?;
         let status = resp.status();
         let data = resp.into_body().collect().await.map_err(http)?.to_bytes();

@@ -47,6 +47,32 @@ impl Default for DutyTuning {
     }
 }
 
+/// This host's compute service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// libvirt connection URI of this host's libvirtd.
+    pub libvirt_uri: String,
+    /// Where templates, VM disks, seeds and console logs live. Default: `<data_dir>/images`.
+    pub images_dir: Option<PathBuf>,
+    /// Address qemu on this host listens on for incoming live migrations (the cluster
+    /// network). Default: the peer address's IP.
+    pub migration_addr: Option<std::net::IpAddr>,
+    /// How often every VM is reconciled even when nothing changed.
+    pub resync_interval_ms: u64,
+}
+
+impl Default for ComputeConfig {
+    fn default() -> Self {
+        Self {
+            libvirt_uri: "qemu:///system".into(),
+            images_dir: None,
+            migration_addr: None,
+            resync_interval_ms: 5000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
@@ -60,6 +86,7 @@ pub struct NodeConfig {
     pub log_format: LogFormat,
     pub raft: RaftTuning,
     pub duties: DutyTuning,
+    pub compute: ComputeConfig,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +101,7 @@ impl Default for NodeConfig {
             log_format: LogFormat::Text,
             raft: RaftTuning::default(),
             duties: DutyTuning::default(),
+            compute: ComputeConfig::default(),
         }
     }
 }
@@ -123,6 +151,14 @@ impl NodeConfig {
                 })
                 .unwrap_or_else(|| "keel".into())
         })
+    }
+
+    /// The image store's directory.
+    pub fn images_dir(&self) -> PathBuf {
+        self.compute
+            .images_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("images"))
     }
 
     /// Checks what serde cannot.

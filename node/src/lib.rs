@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod compute;
 pub mod config;
+pub mod console_client;
 pub mod duties;
 pub mod inventory;
 pub mod join;

@@ -10,12 +10,20 @@ use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
 use keel_cluster::db::{now_ms, ClusterDbConfig};
-use keel_cluster::model::{self, Command, Host};
+use keel_cluster::model::{self, Command, Host, HypervisorReport};
 use keel_cluster::tls::{self, NodeIdentity};
 use keel_cluster::{error_chain, ClusterDb, ClusterError};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::compute::console::Consoles;
+use crate::compute::domain_xml::DomainType;
+use crate::compute::hypervisor::Hypervisor;
+use crate::compute::images::ImageStore;
+use crate::compute::libvirt::Libvirt;
+use crate::compute::migration::libvirt_socket_of;
+use crate::compute::reconciler::ComputeHost;
+use crate::compute::transfer::{NodeHostServices, PeerTemplateSource};
 use crate::config::{ConfigError, NodeConfig};
 use crate::duties::{self, DutyStatus};
 
@@ -49,6 +57,12 @@ pub enum ServeError {
         path: PathBuf,
         #[source]
         source: Box<ClusterError>,
+    },
+    #[error("image store {path} is not usable")]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: crate::compute::images::ImageError,
     },
     #[error("could not set up TLS for the API")]
     Tls(#[source] keel_cluster::tls::TlsError),
@@ -194,6 +208,20 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         source: Box::new(source),
     })?;
 
+    let images = Arc::new(ImageStore::new(config.images_dir()));
+    images.prepare().map_err(|source| ServeError::Images {
+        path: config.images_dir(),
+        source,
+    })?;
+
+    // A witness runs no workloads, so it does not even connect to a hypervisor.
+    let hypervisor: Option<Arc<dyn Hypervisor>> = (!config.witness)
+        .then(|| Arc::new(Libvirt::new(&config.compute.libvirt_uri)) as Arc<dyn Hypervisor>);
+    let consoles = Arc::new(Consoles {
+        db: db.clone(),
+        hv: hypervisor.clone(),
+    });
+
     let shutdown = CancellationToken::new();
     let duty_status = Arc::new(DutyStatus::default());
     let state = AppState {
@@ -201,6 +229,8 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         started: std::time::Instant::now(),
         metrics: Arc::default(),
         duties: duty_status.clone(),
+        images: images.clone(),
+        consoles: consoles.clone(),
     };
 
     // HTTPS API.
@@ -241,7 +271,39 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         }
     });
 
-    tokio::spawn(agent(db.clone(), config.clone(), shutdown.clone()));
+    let hypervisor_report = Arc::new(std::sync::Mutex::new(None));
+    let compute = hypervisor.clone().map(|hv| {
+        Arc::new(ComputeHost {
+            db: db.clone(),
+            hv,
+            volumes: images.clone(),
+            templates: Arc::new(PeerTemplateSource::new(db.clone(), images.clone())),
+            resync: Duration::from_millis(config.compute.resync_interval_ms),
+            report: hypervisor_report.clone(),
+            domain_type: DomainType::Qemu,
+            migration_ip: config
+                .compute
+                .migration_addr
+                .unwrap_or_else(|| config.peer_addr.ip()),
+            run_dir: config.data_dir.join("run"),
+            libvirt_socket: libvirt_socket_of(&config.compute.libvirt_uri),
+        })
+    });
+    db.set_host_services(Arc::new(NodeHostServices {
+        db: db.clone(),
+        images: images.clone(),
+        consoles: consoles.clone(),
+        compute: compute.clone(),
+    }));
+    if let Some(compute) = compute {
+        tokio::spawn(compute.run(shutdown.clone()));
+    }
+    tokio::spawn(agent(
+        db.clone(),
+        config.clone(),
+        hypervisor_report,
+        shutdown.clone(),
+    ));
     tokio::spawn(duties::run(
         db.clone(),
         config.duties.clone(),
@@ -360,12 +422,18 @@ async fn reload_api_cert_on_membership(
 
 /// What every member does, leader or not: heartbeat to the leader and keep its inventory
 /// in the state current.
-async fn agent(db: ClusterDb, config: NodeConfig, stop: CancellationToken) {
+async fn agent(
+    db: ClusterDb,
+    config: NodeConfig,
+    hypervisor: Arc<std::sync::Mutex<Option<HypervisorReport>>>,
+    stop: CancellationToken,
+) {
     let mut beat =
         tokio::time::interval(Duration::from_millis(config.duties.heartbeat_interval_ms));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let inventory_every = Duration::from_secs(60);
     let mut last_inventory: Option<std::time::Instant> = None;
+    let mut last_hypervisor: Option<HypervisorReport> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -377,12 +445,21 @@ async fn agent(db: ClusterDb, config: NodeConfig, stop: CancellationToken) {
         if let Err(e) = db.send_heartbeat().await {
             tracing::debug!(error = %error_chain(&e), "heartbeat not delivered");
         }
-        if last_inventory.is_some_and(|t| t.elapsed() < inventory_every) {
+        let hv_report = hypervisor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // A change of the hypervisor's availability matters to placement at once; the
+        // rest of the inventory is refreshed every minute.
+        if last_inventory.is_some_and(|t| t.elapsed() < inventory_every)
+            && hv_report == last_hypervisor
+        {
             continue;
         }
-        let inventory = tokio::task::spawn_blocking(crate::inventory::probe)
+        let mut inventory = tokio::task::spawn_blocking(crate::inventory::probe)
             .await
             .unwrap_or_default();
+        inventory.hypervisor = hv_report.clone();
         let current = db
             .reader()
             .read(|c| model::host(c, node_id))
@@ -391,6 +468,7 @@ async fn agent(db: ClusterDb, config: NodeConfig, stop: CancellationToken) {
             .and_then(|h: Host| h.inventory);
         if current.as_ref() == Some(&inventory) {
             last_inventory = Some(std::time::Instant::now());
+            last_hypervisor = hv_report;
             continue;
         }
         match db
@@ -401,7 +479,10 @@ async fn agent(db: ClusterDb, config: NodeConfig, stop: CancellationToken) {
             })
             .await
         {
-            Ok(_) => last_inventory = Some(std::time::Instant::now()),
+            Ok(_) => {
+                last_inventory = Some(std::time::Instant::now());
+                last_hypervisor = hv_report;
+            }
             Err(e) => {
                 tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying")
             }

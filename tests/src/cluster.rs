@@ -63,6 +63,14 @@ pub struct ClusterOptions {
     pub stop_timeout: Duration,
     /// Keep the temp dir when the test fails (off for tests that expect a failure).
     pub keep_dir_on_failure: bool,
+    /// Give every host its own libvirtd (see [`crate::libvirt`]) and point the node's
+    /// compute service at it.
+    pub libvirt: bool,
+    /// `[compute] resync_interval_ms` of every node.
+    pub compute_resync_ms: u64,
+    /// More of every node's `--config` file (the harness adds the `[compute]` table
+    /// unless this has one).
+    pub config_toml: String,
 }
 
 impl Default for ClusterOptions {
@@ -78,6 +86,9 @@ impl Default for ClusterOptions {
             cli_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(15),
             keep_dir_on_failure: true,
+            libvirt: false,
+            compute_resync_ms: 1000,
+            config_toml: String::new(),
         }
     }
 }
@@ -333,6 +344,8 @@ struct Host {
     socket: PathBuf,
     data_dir: PathBuf,
     process: tokio::sync::Mutex<ManagedProcess>,
+    // After the process: the node service stops before its libvirtd.
+    libvirt: Option<crate::libvirt::LibvirtHost>,
 }
 
 /// A cluster of `keel serve` hosts. See the module header.
@@ -470,9 +483,30 @@ impl TestCluster {
             std::fs::create_dir_all(&data_dir)
                 .with_context(|| format!("create {}", data_dir.display()))?;
             let ip = net.ip(i);
+            let libvirt = if opts.libvirt {
+                Some(crate::libvirt::LibvirtHost::start(&net, i)?)
+            } else {
+                None
+            };
+            let config = hdir.join("keel.toml");
+            let mut toml = opts.config_toml.clone();
+            if !toml.contains("[compute]") {
+                // Without a libvirtd of its own a node must not find the machine's.
+                let uri = libvirt.as_ref().map_or_else(
+                    || format!("qemu:///system?socket={}/no-libvirtd", hdir.display()),
+                    |l| l.uri(),
+                );
+                toml.push_str(&format!(
+                    "\n[compute]\nlibvirt_uri = {uri:?}\nresync_interval_ms = {}\n",
+                    opts.compute_resync_ms
+                ));
+            }
+            std::fs::write(&config, toml).with_context(|| format!("write {}", config.display()))?;
             let mut spec = ProcessSpec::new(&name, &keel, &hdir)
                 .netns(net.ns(i))
                 .arg("serve")
+                .arg("--config")
+                .arg(&config)
                 .arg("--data-dir")
                 .arg(&data_dir)
                 .arg("--peer-addr")
@@ -500,6 +534,7 @@ impl TestCluster {
                 socket,
                 data_dir,
                 process: tokio::sync::Mutex::new(process),
+                libvirt,
             });
         }
         let cluster = TestCluster {
@@ -552,6 +587,11 @@ impl TestCluster {
                 self.hosts.len()
             )
         })
+    }
+
+    /// Host `i`'s libvirtd, if the cluster was started with `libvirt`.
+    pub fn libvirt(&self, i: usize) -> Option<&crate::libvirt::LibvirtHost> {
+        self.hosts.get(i).and_then(|h| h.libvirt.as_ref())
     }
 
     /// Number of hosts.
@@ -810,6 +850,17 @@ impl TestCluster {
 
     /// Crashes host `i`: `kill -9` of its node (and of anything else running in its
     /// namespace), waiting until all of it is reaped.
+    /// `kill -9` of host `i`'s node service alone: its libvirtd and guests keep running
+    /// (a crashed service, not a crashed host — for that see [`TestCluster::kill`]).
+    pub async fn kill_service(&self, i: usize) -> Result<()> {
+        let r = async {
+            let h = self.host(i)?;
+            h.process.lock().await.kill().await
+        }
+        .await;
+        self.track(r)
+    }
+
     pub async fn kill(&self, i: usize) -> Result<()> {
         let r = async {
             let h = self.host(i)?;

@@ -20,12 +20,14 @@
 //! * [`process`] — processes spawned inside a namespace, with log files, kill/stop/restart.
 //! * [`wait`] — bounded polling; tests never sleep blindly.
 //! * [`cluster`] — [`cluster::TestCluster`]: n `keel serve` hosts plus CLI and HTTPS clients.
+//! * [`libvirt`] — [`libvirt::LibvirtHost`]: a private libvirtd (and virtlogd) per host.
 //!
 //! All of it needs root (namespaces, veth, bridges, nftables). Tests call
 //! [`skip_reason`] (or the [`skip_unless_root!`] macro) first and skip with a printed
 //! reason when the machine cannot run them.
 
 pub mod cluster;
+pub mod libvirt;
 pub mod netns;
 pub mod process;
 pub mod wait;

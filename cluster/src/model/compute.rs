@@ -225,12 +225,24 @@ pub struct Vm {
     /// Operations not finished yet.
     pub active_ops: Vec<String>,
     pub created_at_ms: u64,
+    /// A move to another host in progress.
+    #[serde(default)]
+    pub migration: Option<VmMigration>,
 }
 impl Record for Vm {
     const KIND: &'static str = "vm";
     fn key(&self) -> String {
         self.id.clone()
     }
+}
+
+/// A move of a VM between hosts: live while it runs (the guest keeps running), cold
+/// (disks copied, then re-placed) while it is stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMigration {
+    pub target: NodeId,
+    pub live: bool,
+    pub started_at_ms: u64,
 }
 
 /// Name → id index, so names are unique and lookups by name are cheap.
@@ -317,6 +329,7 @@ pub enum OpKind {
     VmReboot,
     VmResize,
     VmDelete,
+    VmMigrate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +353,8 @@ pub enum OpGoal {
     Rebooted { seq: u64 },
     /// The VM record is gone.
     Deleted,
+    /// Placed on `host` with no migration in flight.
+    OnHost { host: NodeId },
 }
 
 /// An asynchronous request (CloudStack's async job): poll it by id.
@@ -449,7 +464,9 @@ pub fn host_capacities(conn: &Connection) -> Result<Vec<HostCapacity>, CommandEr
         .map(|h| {
             let (vcpus_used, memory_used_mib) = vms
                 .iter()
-                .filter(|vm| vm.host == Some(h.id))
+                .filter(|vm| {
+                    vm.host == Some(h.id) || vm.migration.as_ref().is_some_and(|m| m.target == h.id)
+                })
                 .fold((0u32, 0u64), |(c, m), vm| {
                     (c + vm.spec.vcpus, m + vm.spec.memory_mib)
                 });
@@ -834,6 +851,15 @@ fn require_not_deleting(vm: &Vm) -> Result<(), CommandError> {
             vm: vm.name.clone(),
         });
     }
+    if let Some(m) = &vm.migration {
+        return Err(CommandError::VmState {
+            vm: vm.name.clone(),
+            reason: format!(
+                "it is moving to host {}: wait for the migration to finish",
+                m.target
+            ),
+        });
+    }
     Ok(())
 }
 
@@ -908,6 +934,7 @@ fn goal_met(vm: &Vm, goal: &OpGoal) -> bool {
         }
         OpGoal::Rebooted { seq } => obs.state == RunState::Running && obs.reboot_seq >= *seq,
         OpGoal::Deleted => false,
+        OpGoal::OnHost { host } => vm.host == Some(*host) && vm.migration.is_none(),
     }
 }
 
@@ -1046,6 +1073,26 @@ pub enum ComputeCommand {
     DeleteTemplate {
         template: String,
     },
+    /// Moves a VM to another host (`target`: chosen by the placement rules if `None`).
+    MigrateVm {
+        vm: String,
+        target: Option<NodeId>,
+        op_id: String,
+        now_ms: u64,
+    },
+    /// The source host's account of a migration: done (`error` is `None`) or failed.
+    FinishMigration {
+        vm_id: String,
+        target: NodeId,
+        error: Option<String>,
+        now_ms: u64,
+    },
+    /// Takes a host out of placement (`keel node drain`) or puts it back.
+    SetHostMaintenance {
+        host_id: NodeId,
+        maintenance: bool,
+        now_ms: u64,
+    },
 }
 
 impl ComputeCommand {
@@ -1064,6 +1111,9 @@ impl ComputeCommand {
             ComputeCommand::RegisterTemplate { .. } => "register_template",
             ComputeCommand::AddTemplateReplica { .. } => "add_template_replica",
             ComputeCommand::DeleteTemplate { .. } => "delete_template",
+            ComputeCommand::MigrateVm { .. } => "migrate_vm",
+            ComputeCommand::FinishMigration { .. } => "finish_migration",
+            ComputeCommand::SetHostMaintenance { .. } => "set_host_maintenance",
         }
     }
 }
@@ -1117,6 +1167,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
                 observed: None,
                 active_ops: Vec::new(),
                 created_at_ms: *now_ms,
+                migration: None,
             };
             let goal = match power {
                 PowerIntent::Running => OpGoal::Running { generation: 1 },
@@ -1239,6 +1290,15 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
         }
         ComputeCommand::DeleteVm { vm, op_id, now_ms } => {
             let mut vm = require_vm(conn, vm)?;
+            if let Some(m) = &vm.migration {
+                return Err(CommandError::VmState {
+                    vm: vm.name.clone(),
+                    reason: format!(
+                        "it is moving to host {}: wait for the migration to finish",
+                        m.target
+                    ),
+                });
+            }
             if vm.deleting {
                 // Deleting again joins the running delete.
                 new_op(
@@ -1437,6 +1497,149 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             put(conn, &t)?;
             Ok(Outcome::Done)
         }
+        ComputeCommand::MigrateVm {
+            vm,
+            target,
+            op_id,
+            now_ms,
+        } => {
+            let mut vm = require_vm(conn, vm)?;
+            require_not_deleting(&vm)?;
+            let source = vm.host.ok_or_else(|| CommandError::VmState {
+                vm: vm.name.clone(),
+                reason: "it is not placed on any host yet".into(),
+            })?;
+            if let Some(m) = &vm.migration {
+                return Err(CommandError::VmState {
+                    vm: vm.name.clone(),
+                    reason: format!("it is already moving to host {}", m.target),
+                });
+            }
+            let observed = vm
+                .observed
+                .as_ref()
+                .filter(|o| o.host == source)
+                .map(|o| o.state);
+            let live = match (vm.power, observed) {
+                (PowerIntent::Running, Some(RunState::Running)) => true,
+                (PowerIntent::Stopped, Some(RunState::Stopped)) => false,
+                _ => {
+                    return Err(CommandError::VmState {
+                        vm: vm.name.clone(),
+                        reason: "it is starting or stopping: wait until it is running or stopped"
+                            .into(),
+                    })
+                }
+            };
+            let candidates = candidate_hosts(conn, &vm)?;
+            let target = match (target, candidates) {
+                (Some(t), _) if *t == source => {
+                    return Err(invalid(
+                        "target",
+                        format!("the VM already runs on host {t}"),
+                    ))
+                }
+                (Some(t), Ok(hosts)) if hosts.contains(t) => *t,
+                (Some(t), _) => {
+                    require_host(conn, *t)?;
+                    let why = candidate_hosts(conn, &vm)?
+                        .err()
+                        .unwrap_or_else(|| "it does not pass the placement filters".into());
+                    return Err(CommandError::VmState {
+                        vm: vm.name.clone(),
+                        reason: format!("host {t} cannot take it: {why}"),
+                    });
+                }
+                (None, Ok(hosts)) => match hosts.into_iter().find(|h| *h != source) {
+                    Some(h) => h,
+                    None => {
+                        return Err(CommandError::VmState {
+                            vm: vm.name.clone(),
+                            reason: "no other host can take it".into(),
+                        })
+                    }
+                },
+                (None, Err(why)) => {
+                    return Err(CommandError::VmState {
+                        vm: vm.name.clone(),
+                        reason: format!("no other host can take it: {why}"),
+                    })
+                }
+            };
+            vm.migration = Some(VmMigration {
+                target,
+                live,
+                started_at_ms: *now_ms,
+            });
+            new_op(
+                conn,
+                op_id,
+                OpKind::VmMigrate,
+                &mut vm,
+                OpGoal::OnHost { host: target },
+                *now_ms,
+            )?;
+            put(conn, &vm)?;
+            Ok(Outcome::Created { id: vm.id })
+        }
+        ComputeCommand::FinishMigration {
+            vm_id,
+            target,
+            error,
+            now_ms,
+        } => {
+            let Some(mut vm) = read::<Vm>(conn, vm_id)? else {
+                return Ok(Outcome::Unchanged);
+            };
+            if vm.migration.as_ref().map(|m| m.target) != Some(*target) {
+                return Ok(Outcome::Unchanged);
+            }
+            let live = vm.migration.as_ref().is_some_and(|m| m.live);
+            vm.migration = None;
+            match error {
+                None => {
+                    vm.host = Some(*target);
+                    vm.observed = Some(VmObserved {
+                        host: *target,
+                        state: if live {
+                            RunState::Running
+                        } else {
+                            RunState::Absent
+                        },
+                        since_ms: *now_ms,
+                        generation: if live { vm.generation } else { 0 },
+                        reboot_seq: vm.reboot_seq,
+                        last_error: None,
+                        reported_at_ms: *now_ms,
+                    });
+                    settle_ops(conn, &mut vm, None, *now_ms)?;
+                }
+                Some(e) => {
+                    settle_ops(
+                        conn,
+                        &mut vm,
+                        Some(&format!("migration failed: {e}")),
+                        *now_ms,
+                    )?;
+                }
+            }
+            put(conn, &vm)?;
+            Ok(Outcome::Done)
+        }
+        ComputeCommand::SetHostMaintenance {
+            host_id,
+            maintenance,
+            now_ms,
+        } => {
+            let mut host = require_host(conn, *host_id)?;
+            let want = maintenance.then_some(super::Maintenance { since_ms: *now_ms });
+            if host.maintenance.is_some() == *maintenance {
+                return Ok(Outcome::Unchanged);
+            }
+            host.maintenance = want;
+            put(conn, &host)?;
+            Ok(Outcome::Done)
+        }
         ComputeCommand::DeleteTemplate { template } => {
             let t = find_template(conn, template)
                 .map_err(store_err)?
@@ -1482,4 +1685,439 @@ pub(super) fn unplace_host_vms(conn: &Connection, host_id: NodeId) -> Result<(),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        apply as apply_cmd, test_init_command, Command, HypervisorReport, Inventory, SCHEMA,
+    };
+    use super::*;
+
+    fn db_with_hosts(n: u64) -> Connection {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(SCHEMA).expect("schema");
+        apply_cmd(&conn, &test_init_command()).expect("init");
+        for id in 1..=n {
+            let mut host = super::super::host(&conn, id)
+                .expect("read")
+                .unwrap_or_else(|| {
+                    let mut h = super::super::host(&conn, 1).expect("read").expect("host 1");
+                    h.id = id;
+                    h.name = format!("n{id}");
+                    h
+                });
+            host.inventory = Some(Inventory {
+                cpus: 2,
+                memory_bytes: 8 << 30,
+                hypervisor: Some(HypervisorReport {
+                    domain_type: "qemu".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            put(&conn, &host).expect("put host");
+        }
+        template(&conn, "tiny");
+        conn
+    }
+
+    fn template(conn: &Connection, name: &str) {
+        run(
+            conn,
+            ComputeCommand::RegisterTemplate {
+                template: Template {
+                    id: format!("t-{name}"),
+                    name: name.into(),
+                    format: ImageFormat::Qcow2,
+                    size_bytes: 10 << 20,
+                    virtual_size_bytes: 64 << 20,
+                    sha256: "a".repeat(64),
+                    replicas: vec![1],
+                    created_at_ms: 1,
+                },
+            },
+        )
+        .expect("template");
+    }
+
+    fn run(conn: &Connection, command: ComputeCommand) -> Result<Outcome, CommandError> {
+        apply_cmd(conn, &Command::Compute { command })
+    }
+
+    fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
+        VmSpec {
+            vcpus,
+            memory_mib,
+            boot: BootSource::Template {
+                template: "tiny".into(),
+            },
+            root_disk_gib: None,
+            data_disks: vec![],
+            nics: vec![],
+            cloud_init: CloudInit::default(),
+            affinity_group: None,
+            ha: false,
+        }
+    }
+
+    fn create(conn: &Connection, name: &str, spec: VmSpec) -> Result<Outcome, CommandError> {
+        run(
+            conn,
+            ComputeCommand::CreateVm {
+                vm_id: format!("id-{name}"),
+                name: name.into(),
+                spec,
+                start: true,
+                stop_timeout_s: 30,
+                op_id: format!("op-create-{name}"),
+                now_ms: 10,
+            },
+        )
+    }
+
+    fn vm(conn: &Connection, name: &str) -> Vm {
+        find_vm(conn, name).expect("read").expect("vm exists")
+    }
+
+    fn op(conn: &Connection, id: &str) -> Operation {
+        read::<Operation>(conn, id)
+            .expect("read")
+            .expect("op exists")
+    }
+
+    fn place_all(conn: &Connection) {
+        let vms: Vec<Vm> = list(conn).expect("list");
+        for vm in vms.into_iter().filter(|v| v.host.is_none() && !v.deleting) {
+            match candidate_hosts(conn, &vm).expect("candidates") {
+                Ok(hosts) => {
+                    run(
+                        conn,
+                        ComputeCommand::PlaceVm {
+                            vm_id: vm.id.clone(),
+                            host_id: hosts[0],
+                            now_ms: 20,
+                        },
+                    )
+                    .expect("place");
+                }
+                Err(reason) => {
+                    run(
+                        conn,
+                        ComputeCommand::SetVmPending {
+                            vm_id: vm.id.clone(),
+                            reason,
+                            now_ms: 20,
+                        },
+                    )
+                    .expect("pending");
+                }
+            }
+        }
+    }
+
+    fn report(
+        conn: &Connection,
+        name: &str,
+        state: RunState,
+        generation: u64,
+        error: Option<&str>,
+    ) {
+        let v = vm(conn, name);
+        run(
+            conn,
+            ComputeCommand::ReportVm {
+                vm_id: v.id.clone(),
+                host_id: v.host.expect("placed"),
+                state,
+                generation,
+                reboot_seq: v.reboot_seq,
+                error: error.map(String::from),
+                now_ms: 30,
+            },
+        )
+        .expect("report");
+    }
+
+    fn vm_count(conn: &Connection) -> usize {
+        list::<Vm>(conn).expect("list").len()
+    }
+
+    #[test]
+    fn bad_specs_are_rejected_and_nothing_is_created() {
+        let conn = db_with_hosts(3);
+        let bad: Vec<(&str, VmSpec, &str)> = vec![
+            ("zero", spec(0, 128), "vcpus"),
+            ("huge", spec(1, 1 << 20), "more than any host"),
+            (
+                "notemplate",
+                VmSpec {
+                    boot: BootSource::Template {
+                        template: "nope".into(),
+                    },
+                    ..spec(1, 128)
+                },
+                "template \"nope\" does not exist",
+            ),
+            ("a'/><evil", spec(1, 128), "may only contain"),
+            (
+                "badkey",
+                VmSpec {
+                    cloud_init: CloudInit {
+                        user_data: None,
+                        ssh_keys: vec!["not a key\nx".into()],
+                    },
+                    ..spec(1, 128)
+                },
+                "OpenSSH public key",
+            ),
+        ];
+        for (name, s, want) in bad {
+            let err = create(&conn, name, s).expect_err(name).to_string();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+        assert_eq!(vm_count(&conn), 0);
+        assert!(list::<Operation>(&conn).expect("ops").is_empty());
+        create(&conn, "web", spec(1, 128)).expect("first");
+        let err = create(&conn, "web", spec(1, 128))
+            .expect_err("dup")
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(vm_count(&conn), 1);
+    }
+
+    #[test]
+    fn a_create_succeeds_when_the_host_reports_it_running() {
+        let conn = db_with_hosts(1);
+        create(&conn, "web", spec(1, 128)).expect("create");
+        assert_eq!(op(&conn, "op-create-web").state, OpState::Running);
+        place_all(&conn);
+        assert_eq!(vm(&conn, "web").host, Some(1));
+        report(&conn, "web", RunState::Stopped, 1, None);
+        assert_eq!(op(&conn, "op-create-web").state, OpState::Running);
+        report(&conn, "web", RunState::Running, 1, None);
+        assert_eq!(op(&conn, "op-create-web").state, OpState::Succeeded);
+        assert!(vm(&conn, "web").active_ops.is_empty());
+    }
+
+    #[test]
+    fn a_reported_error_fails_the_operation_and_a_stop_cancels_a_start() {
+        let conn = db_with_hosts(1);
+        create(&conn, "a", spec(1, 128)).expect("create");
+        place_all(&conn);
+        report(&conn, "a", RunState::Absent, 0, Some("define failed: boom"));
+        let o = op(&conn, "op-create-a");
+        assert_eq!(o.state, OpState::Failed);
+        assert!(o.detail.as_deref().unwrap_or("").contains("boom"));
+
+        create(&conn, "b", spec(1, 128)).expect("create");
+        run(
+            &conn,
+            ComputeCommand::SetVmPower {
+                vm: "b".into(),
+                power: PowerIntent::Stopped,
+                op_id: "op-stop-b".into(),
+                now_ms: 40,
+            },
+        )
+        .expect("stop");
+        assert_eq!(op(&conn, "op-create-b").state, OpState::Cancelled);
+        place_all(&conn);
+        report(&conn, "b", RunState::Stopped, 1, None);
+        assert_eq!(op(&conn, "op-stop-b").state, OpState::Succeeded);
+    }
+
+    #[test]
+    fn anti_affinity_spreads_and_what_does_not_fit_stays_pending_with_a_reason() {
+        let conn = db_with_hosts(3);
+        run(
+            &conn,
+            ComputeCommand::CreateAffinityGroup {
+                name: "web".into(),
+                policy: AffinityPolicy::AntiAffinity,
+                now_ms: 1,
+            },
+        )
+        .expect("group");
+        for i in 0..4 {
+            let s = VmSpec {
+                affinity_group: Some("web".into()),
+                ..spec(1, 128)
+            };
+            create(&conn, &format!("w{i}"), s).expect("create");
+            place_all(&conn);
+        }
+        let hosts: BTreeSetOf = (0..3).map(|i| vm(&conn, &format!("w{i}")).host).collect();
+        assert_eq!(hosts.len(), 3, "three members on three hosts: {hosts:?}");
+        let last = vm(&conn, "w3");
+        assert_eq!(last.host, None);
+        let reason = last.pending_reason.expect("reason");
+        assert!(reason.contains("anti-affinity group web"), "{reason}");
+        assert!(op(&conn, "op-create-w3")
+            .detail
+            .expect("detail")
+            .contains("waiting for placement"));
+        let err = run(
+            &conn,
+            ComputeCommand::DeleteAffinityGroup { name: "web".into() },
+        )
+        .expect_err("in use")
+        .to_string();
+        assert!(err.contains("w0"), "{err}");
+    }
+
+    type BTreeSetOf = std::collections::BTreeSet<Option<NodeId>>;
+
+    #[test]
+    fn capacity_is_held_by_placed_vms_and_overcommit_is_a_setting() {
+        let conn = db_with_hosts(1);
+        // 2 CPUs × 4.0 overcommit = 8 vCPUs.
+        create(&conn, "big", spec(8, 128)).expect("create");
+        create(&conn, "one-more", spec(1, 128)).expect("create");
+        place_all(&conn);
+        assert_eq!(vm(&conn, "big").host, Some(1));
+        let reason = vm(&conn, "one-more").pending_reason.expect("pending");
+        assert!(reason.contains("0 vCPUs"), "{reason}");
+        apply_cmd(
+            &conn,
+            &Command::PutSetting {
+                key: settings::CPU_OVERCOMMIT.into(),
+                value: "5".into(),
+                now_ms: 1,
+            },
+        )
+        .expect("setting");
+        place_all(&conn);
+        assert_eq!(vm(&conn, "one-more").host, Some(1));
+        let err = apply_cmd(
+            &conn,
+            &Command::PutSetting {
+                key: settings::CPU_OVERCOMMIT.into(),
+                value: "lots".into(),
+                now_ms: 1,
+            },
+        )
+        .expect_err("bad value");
+        assert!(err.to_string().contains("number"), "{err}");
+    }
+
+    #[test]
+    fn delete_removes_the_record_once_the_host_reports_the_domain_gone() {
+        let conn = db_with_hosts(1);
+        create(&conn, "gone", spec(1, 128)).expect("create");
+        run(
+            &conn,
+            ComputeCommand::DeleteVm {
+                vm: "gone".into(),
+                op_id: "op-del-gone".into(),
+                now_ms: 50,
+            },
+        )
+        .expect("delete unplaced");
+        assert_eq!(vm_count(&conn), 0, "never placed: removed at once");
+        assert_eq!(op(&conn, "op-del-gone").state, OpState::Succeeded);
+        assert_eq!(op(&conn, "op-create-gone").state, OpState::Cancelled);
+
+        create(&conn, "web", spec(1, 128)).expect("create");
+        place_all(&conn);
+        report(&conn, "web", RunState::Running, 1, None);
+        run(
+            &conn,
+            ComputeCommand::DeleteVm {
+                vm: "web".into(),
+                op_id: "op-del-web".into(),
+                now_ms: 60,
+            },
+        )
+        .expect("delete");
+        assert!(vm(&conn, "web").deleting);
+        let err = run(
+            &conn,
+            ComputeCommand::SetVmPower {
+                vm: "web".into(),
+                power: PowerIntent::Running,
+                op_id: "op-x".into(),
+                now_ms: 61,
+            },
+        )
+        .expect_err("deleting");
+        assert!(err.to_string().contains("being deleted"), "{err}");
+        report(&conn, "web", RunState::Absent, 0, None);
+        assert_eq!(vm_count(&conn), 0);
+        assert_eq!(op(&conn, "op-del-web").state, OpState::Succeeded);
+        // The name is free again.
+        run(
+            &conn,
+            ComputeCommand::CreateVm {
+                vm_id: "id-web-2".into(),
+                name: "web".into(),
+                spec: spec(1, 128),
+                start: true,
+                stop_timeout_s: 30,
+                op_id: "op-create-web-2".into(),
+                now_ms: 90,
+            },
+        )
+        .expect("name reusable");
+    }
+
+    #[test]
+    fn resize_needs_a_stopped_vm_and_bumps_the_generation() {
+        let conn = db_with_hosts(1);
+        create(&conn, "r", spec(1, 128)).expect("create");
+        place_all(&conn);
+        report(&conn, "r", RunState::Running, 1, None);
+        let resize = |op_id: &str| ComputeCommand::ResizeVm {
+            vm: "r".into(),
+            vcpus: Some(2),
+            memory_mib: Some(256),
+            op_id: op_id.into(),
+            now_ms: 70,
+        };
+        let err = run(&conn, resize("op-r1"))
+            .expect_err("running")
+            .to_string();
+        assert!(err.contains("stop it first"), "{err}");
+        run(
+            &conn,
+            ComputeCommand::SetVmPower {
+                vm: "r".into(),
+                power: PowerIntent::Stopped,
+                op_id: "op-stop".into(),
+                now_ms: 71,
+            },
+        )
+        .expect("stop");
+        report(&conn, "r", RunState::Stopped, 1, None);
+        run(&conn, resize("op-r2")).expect("resize");
+        let v = vm(&conn, "r");
+        assert_eq!((v.spec.vcpus, v.spec.memory_mib, v.generation), (2, 256, 2));
+        assert_eq!(op(&conn, "op-r2").state, OpState::Running);
+        report(&conn, "r", RunState::Stopped, 2, None);
+        assert_eq!(op(&conn, "op-r2").state, OpState::Succeeded);
+    }
+
+    #[test]
+    fn reports_from_a_host_the_vm_is_not_placed_on_are_ignored() {
+        let conn = db_with_hosts(2);
+        create(&conn, "v", spec(1, 128)).expect("create");
+        place_all(&conn);
+        let placed = vm(&conn, "v").host.expect("placed");
+        let other = if placed == 1 { 2 } else { 1 };
+        let out = run(
+            &conn,
+            ComputeCommand::ReportVm {
+                vm_id: "id-v".into(),
+                host_id: other,
+                state: RunState::Running,
+                generation: 1,
+                reboot_seq: 0,
+                error: None,
+                now_ms: 80,
+            },
+        )
+        .expect("report");
+        assert_eq!(out, Outcome::Unchanged);
+        assert!(vm(&conn, "v").observed.is_none());
+    }
 }

@@ -199,6 +199,9 @@ pub struct HypervisorReport {
     pub hypervisor_version: String,
     /// Why the hypervisor cannot take VMs right now (`None`: it can).
     pub error: Option<String>,
+    /// Domains on the host that the cluster does not know: reported, never destroyed.
+    #[serde(default)]
+    pub unmanaged_domains: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -1,11 +1,14 @@
 //! Maps typed errors onto HTTP answers. Handlers return `Result<_, ApiError>`; the mapping
 //! from cluster errors to status codes lives here and only here.
 
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keel_cluster::model::CommandError;
 use keel_cluster::{error_chain, ClusterError};
+
+use crate::compute::images::ImageError;
 
 use super::types::{ErrorBody, ErrorDetail};
 
@@ -31,6 +34,18 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the request body as JSON with `Content-Type: application/json`",
+        )
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -99,5 +114,48 @@ impl From<ClusterError> for ApiError {
                 error_chain(&other),
             ),
         }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        use ImageError as I;
+        let (status, code) = match &e {
+            I::ChecksumMismatch { .. } => (StatusCode::BAD_REQUEST, "checksum_mismatch"),
+            I::FormatMismatch { .. } => (StatusCode::BAD_REQUEST, "format_mismatch"),
+            I::HasBackingFile { .. } => (StatusCode::BAD_REQUEST, "backing_file"),
+            I::UnsupportedFormat { .. } => (StatusCode::BAD_REQUEST, "unsupported_format"),
+            I::Empty => (StatusCode::BAD_REQUEST, "empty_image"),
+            // qemu-img ran but could not read the image: a damaged or truncated file.
+            I::QemuImg { .. } => (StatusCode::BAD_REQUEST, "image_unreadable"),
+            I::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+                (StatusCode::INSUFFICIENT_STORAGE, "no_space")
+            }
+            I::Io { .. } | I::QemuImgSpawn { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "image_store")
+            }
+        };
+        ApiError::new(status, code, error_chain(&e))
+    }
+}
+
+/// A JSON body axum could not take: the project's error body instead of axum's plain text.
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => ApiError::unsupported_media_type(),
+            // axum's text names the field and the position, e.g. "Failed to deserialize the
+            // JSON body into the target type: cpus: unknown field `cpus`, expected one of …".
+            JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", r.body_text())
+            }
+            other => ApiError::new(other.status(), "invalid_body", other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
     }
 }

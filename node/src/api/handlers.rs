@@ -18,9 +18,10 @@ use crate::views;
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(super) type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn read<T>(
+/// Reads this node's replica of the state.
+pub(super) fn read<T>(
     state: &AppState,
     f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> Result<T, ApiError> {

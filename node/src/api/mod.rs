@@ -8,14 +8,19 @@
 //!
 //! Handlers translate, never decide: parse → typed command → `ClusterDb` → map the error.
 
+pub mod console;
 pub mod error;
+pub mod extract;
 mod handlers;
 pub mod openapi;
+mod templates;
 pub mod types;
+mod vms;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::handler::Handler;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -25,6 +30,7 @@ use keel_cluster::model::{self, Credential};
 use keel_cluster::token::{digests_equal, sha256_hex};
 use keel_cluster::ClusterDb;
 
+pub use console::CONSOLE_PROTOCOL;
 pub use error::ApiError;
 
 /// Shared by every handler.
@@ -34,6 +40,10 @@ pub struct AppState {
     pub started: std::time::Instant,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub duties: Arc<crate::duties::DutyStatus>,
+    /// This host's image store (template uploads and imports land here).
+    pub images: Arc<crate::compute::images::ImageStore>,
+    /// Opens VM consoles here or on the VM's host.
+    pub consoles: Arc<crate::compute::console::Consoles>,
 }
 
 /// Who is calling.
@@ -60,6 +70,35 @@ fn api_routes() -> Router<AppState> {
             put(handlers::put_setting)
                 .get(handlers::get_setting)
                 .delete(handlers::delete_setting),
+        )
+        .route("/api/v1/vms", get(vms::list_vms).post(vms::create_vm))
+        .route("/api/v1/vms/{vm}", get(vms::get_vm).delete(vms::delete_vm))
+        .route("/api/v1/vms/{vm}/start", post(vms::start_vm))
+        .route("/api/v1/vms/{vm}/stop", post(vms::stop_vm))
+        .route("/api/v1/vms/{vm}/reboot", post(vms::reboot_vm))
+        .route("/api/v1/vms/{vm}/resize", post(vms::resize_vm))
+        .route("/api/v1/vms/{vm}/console", get(console::vm_console))
+        .route("/api/v1/operations", get(vms::list_operations))
+        .route("/api/v1/operations/{id}", get(vms::get_operation))
+        .route(
+            "/api/v1/templates",
+            get(templates::list_templates).post(
+                // The body is the image (gigabytes), streamed to disk: no size limit here.
+                templates::upload_template.layer(DefaultBodyLimit::disable()),
+            ),
+        )
+        .route("/api/v1/templates/import", post(templates::import_template))
+        .route(
+            "/api/v1/templates/{template}",
+            get(templates::get_template).delete(templates::delete_template),
+        )
+        .route(
+            "/api/v1/affinity-groups",
+            get(vms::list_affinity_groups).post(vms::create_affinity_group),
+        )
+        .route(
+            "/api/v1/affinity-groups/{name}",
+            axum::routing::delete(vms::delete_affinity_group),
         )
         .route("/api/v1/ca.pem", get(handlers::get_ca))
         .route("/api/v1/openapi.json", get(handlers::get_openapi))
@@ -106,18 +145,33 @@ async fn require_bearer(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let token = req
+    let header_token = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .map(str::trim);
+    // Browsers cannot set headers on a WebSocket: they offer `bearer.<token>` as a
+    // subprotocol instead (see api::console).
+    let protocol_token = req
+        .headers()
+        .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(',')
+                .map(str::trim)
+                .find_map(|p| p.strip_prefix("bearer."))
+        });
+    let token = header_token
+        .or(protocol_token)
+        .map(str::to_owned)
         .ok_or_else(|| {
             ApiError::unauthorized(
                 "missing credentials: send `Authorization: Bearer <token>` (the admin token from `keel cluster init`)",
             )
         })?;
     let digest = sha256_hex(token.as_bytes());
+    drop(token);
     let credentials = state
         .db
         .reader()

@@ -5,8 +5,8 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::handlers;
 use super::types::*;
+use super::{handlers, templates, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,11 +26,32 @@ use super::types::*;
         handlers::get_ca,
         handlers::get_openapi,
         handlers::get_metrics,
+        vms::create_vm,
+        vms::list_vms,
+        vms::get_vm,
+        vms::start_vm,
+        vms::stop_vm,
+        vms::reboot_vm,
+        vms::resize_vm,
+        vms::delete_vm,
+        vms::list_operations,
+        vms::get_operation,
+        templates::upload_template,
+        templates::import_template,
+        templates::list_templates,
+        templates::get_template,
+        templates::delete_template,
+        vms::create_affinity_group,
+        vms::list_affinity_groups,
+        vms::delete_affinity_group,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, Health, ClusterView, MemberView, HostView, InventoryView,
         DiskView, NicView, CreateTokenRequest, TokenView, JoinApiRequest, JoinApiReply,
-        SettingView, PutSettingRequest
+        SettingView, PutSettingRequest, VmBoot, VmNicRequest, VmCreateRequest, VmRebootRequest,
+        VmResizeRequest, OperationView, OperationAccepted, VmNicView, VmObservedView, VmView,
+        VmDetailView, TemplateFormat, TemplateImportRequest, TemplateView, GroupPolicy,
+        AffinityGroupCreateRequest, AffinityGroupView
     )),
     modifiers(&BearerAuth)
 )]

@@ -72,6 +72,8 @@ pub struct HostView {
     pub role: String,
     pub leader: bool,
     pub joined_at_ms: u64,
+    /// Drained for maintenance (`keel node drain`): no VMs are placed here.
+    pub maintenance: bool,
     pub inventory: Option<InventoryView>,
 }
 
@@ -90,6 +92,20 @@ pub struct InventoryView {
     pub kvm_detail: String,
     pub keel_version: String,
     pub reported_at_ms: Option<u64>,
+    /// The host's hypervisor as its compute service last saw it.
+    pub hypervisor: Option<HypervisorView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HypervisorView {
+    /// libvirt domain type VMs get here (`qemu`: TCG, `kvm`).
+    pub domain_type: String,
+    pub libvirt_version: String,
+    pub hypervisor_version: String,
+    /// Why the host cannot take VMs now (`null`: it can).
+    pub error: Option<String>,
+    /// Domains on the host the cluster does not know: reported, never touched.
+    pub unmanaged_domains: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -223,4 +239,301 @@ pub struct RaftBenchReply {
     pub latencies_us: Vec<u64>,
     pub elapsed_us: u64,
     pub errors: u32,
+}
+
+// ---- compute: VMs, operations, templates, affinity groups ------------------------------
+
+/// How a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmBoot {
+    /// A copy-on-write overlay of a disk template (qcow2 or raw).
+    #[default]
+    Disk,
+    /// An installer ISO template attached as a CD-ROM, with an empty root disk.
+    Iso,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmNicRequest {
+    /// An existing bridge on the hosts, e.g. `br0`.
+    pub bridge: String,
+    /// Allocated from 52:54:00:… when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_stop_timeout_s() -> u32 {
+    60
+}
+
+/// `POST /api/v1/vms`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateRequest {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Template name or id.
+    pub template: String,
+    #[serde(default)]
+    pub boot: VmBoot,
+    /// Root disk size; default the template's virtual size. Required for ISO boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_disk_gib: Option<u64>,
+    /// Sizes of extra empty disks.
+    #[serde(default)]
+    pub data_disks_gib: Vec<u64>,
+    #[serde(default)]
+    pub nics: Vec<VmNicRequest>,
+    /// cloud-init user data (at most 64 KiB). Never returned by any read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// OpenSSH public keys, one per entry.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_group: Option<String>,
+    /// Restart elsewhere when its host fails.
+    #[serde(default)]
+    pub ha: bool,
+    /// Start the VM once created (default true).
+    #[serde(default = "default_true")]
+    pub start: bool,
+    /// Seconds a graceful stop may take before the VM is powered off (default 60).
+    #[serde(default = "default_stop_timeout_s")]
+    pub stop_timeout_s: u32,
+}
+
+impl std::fmt::Debug for VmCreateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // User data may hold secrets: only its size is shown.
+        f.debug_struct("VmCreateRequest")
+            .field("name", &self.name)
+            .field("vcpus", &self.vcpus)
+            .field("memory_mib", &self.memory_mib)
+            .field("template", &self.template)
+            .field("boot", &self.boot)
+            .field("root_disk_gib", &self.root_disk_gib)
+            .field("data_disks_gib", &self.data_disks_gib)
+            .field("nics", &self.nics)
+            .field(
+                "user_data_bytes",
+                &self.user_data.as_ref().map_or(0, String::len),
+            )
+            .field("ssh_keys", &self.ssh_keys.len())
+            .field("affinity_group", &self.affinity_group)
+            .field("ha", &self.ha)
+            .field("start", &self.start)
+            .field("stop_timeout_s", &self.stop_timeout_s)
+            .finish()
+    }
+}
+
+/// `POST /api/v1/vms/{vm}/reboot` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRebootRequest {
+    /// Reset the VM instead of a guest reboot.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /api/v1/vms/{vm}/resize`; the VM must be stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmResizeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// An asynchronous request; poll `GET /api/v1/operations/{id}` until `state` is not
+/// `running`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OperationView {
+    pub id: String,
+    /// `vm-create`, `vm-start`, `vm-stop`, `vm-reboot`, `vm-resize` or `vm-delete`.
+    pub kind: String,
+    pub vm_id: String,
+    pub vm_name: String,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// Progress while running; the reason when failed or cancelled.
+    pub detail: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// The answer to every VM request that a host carries out (`202 Accepted`, with
+/// `Location: /api/v1/operations/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OperationAccepted {
+    pub operation: OperationView,
+    pub vm_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNicView {
+    pub bridge: String,
+    pub mac: String,
+}
+
+/// What the VM's host last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmObservedView {
+    pub host_id: u64,
+    /// `running`, `paused`, `shutting_down`, `stopped`, `crashed`, `absent` or `unknown`.
+    pub state: String,
+    /// Since when the host has seen `state`.
+    pub since_ms: u64,
+    /// The spec generation the host's domain is defined from (0: not defined yet).
+    pub generation: u64,
+    pub reported_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    pub id: String,
+    pub name: String,
+    /// One word: `pending` (not placed yet), `starting`, `running`, `stopping`,
+    /// `stopped`, `error` (the host's last action failed) or `deleting`.
+    pub status: String,
+    /// The desired power state: `running` or `stopped`.
+    pub power: String,
+    pub host_id: Option<u64>,
+    pub host_name: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub template_id: String,
+    pub template_name: Option<String>,
+    pub boot: VmBoot,
+    pub root_disk_gib: Option<u64>,
+    pub data_disks_gib: Vec<u64>,
+    pub nics: Vec<VmNicView>,
+    pub affinity_group: Option<String>,
+    pub ha: bool,
+    pub stop_timeout_s: u32,
+    /// Why the VM is not placed yet.
+    pub pending_reason: Option<String>,
+    /// The host's last failure acting on the VM.
+    pub last_error: Option<String>,
+    pub observed: Option<VmObservedView>,
+    /// Bumped by every change of the VM's spec.
+    pub generation: u64,
+    pub created_at_ms: u64,
+    /// Ids of the operations not finished yet.
+    pub active_operations: Vec<String>,
+}
+
+/// `GET /api/v1/vms/{vm}`: the list view plus the cloud-init inputs that are safe to show
+/// (the user data itself is never returned: it may hold secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmDetailView {
+    #[serde(flatten)]
+    pub vm: VmView,
+    pub ssh_keys: Vec<String>,
+    /// Size of the cloud-init user data (0: none).
+    pub user_data_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TemplateFormat {
+    Qcow2,
+    Raw,
+    Iso,
+}
+
+impl TemplateFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateFormat::Qcow2 => "qcow2",
+            TemplateFormat::Raw => "raw",
+            TemplateFormat::Iso => "iso",
+        }
+    }
+}
+
+/// Query of `POST /api/v1/templates`; the request body is the image itself.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TemplateUploadQuery {
+    /// The template's name (lowercase letters, digits and '-').
+    pub name: String,
+    /// The image's format; the server checks it with `qemu-img info`.
+    #[param(inline)]
+    pub format: TemplateFormat,
+    /// SHA-256 (hex) of the image; the upload is refused when the received bytes differ.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// `POST /api/v1/templates/import`: a file already on the server that answers (admin
+/// socket only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateImportRequest {
+    pub name: String,
+    /// Absolute path of the image on this server; it is copied, not moved.
+    pub path: String,
+    pub format: TemplateFormat,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateView {
+    pub id: String,
+    pub name: String,
+    pub format: TemplateFormat,
+    /// Bytes of the image file.
+    pub size_bytes: u64,
+    /// What the guest sees (the qcow2 virtual size; the file size for raw and ISO).
+    pub virtual_size_bytes: u64,
+    pub sha256: String,
+    /// Hosts holding a verified copy.
+    pub replicas: Vec<u64>,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupPolicy {
+    /// Every member on the same host.
+    Affinity,
+    /// Every member on a different host.
+    AntiAffinity,
+}
+
+impl GroupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupPolicy::Affinity => "affinity",
+            GroupPolicy::AntiAffinity => "anti-affinity",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityGroupCreateRequest {
+    pub name: String,
+    pub policy: GroupPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AffinityGroupView {
+    pub name: String,
+    pub policy: GroupPolicy,
+    /// Names of the VMs in the group.
+    pub members: Vec<String>,
+    pub created_at_ms: u64,
 }

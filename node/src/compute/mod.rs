@@ -6,8 +6,13 @@
 //! - [`domain_xml`]: domain XML from a typed spec, written with a real XML writer.
 //! - [`seed`]: the NoCloud seed disk (user data, SSH keys, hostname) every VM gets.
 
+pub mod console;
 pub mod domain_xml;
 pub mod fake;
 pub mod hypervisor;
+pub mod images;
 pub mod libvirt;
+pub mod migration;
+pub mod reconciler;
 pub mod seed;
+pub mod transfer;

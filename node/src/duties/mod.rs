@@ -18,6 +18,7 @@
 //! so the new leader simply picks up where the old one stopped.
 
 mod health;
+mod placement;
 mod voters;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,4 +91,5 @@ fn spawn_duties(db: &ClusterDb, tuning: &DutyTuning, token: &CancellationToken) 
     let tick = Duration::from_millis(tuning.tick_ms);
     tokio::spawn(health::run(db.clone(), tuning.clone(), tick, token.clone()));
     tokio::spawn(voters::run(db.clone(), tuning.clone(), tick, token.clone()));
+    tokio::spawn(placement::run(db.clone(), tick, token.clone()));
 }

@@ -13,13 +13,17 @@
 //! * `bad_input` — `keel serve` refuses bad configs, busy ports, bad data dirs.
 //! * `witness` — two servers and a witness survive losing a server.
 //! * `disk_full` — a follower whose disk fills recovers when space returns.
+//! * `libvirt_adapter` — the libvirt `Hypervisor` against real libvirtd daemons: lifecycle,
+//!   console, reconnect after a daemon restart, live migration.
 
 mod bad_input;
 mod cluster;
+mod compute;
 mod disk_full;
 mod durability;
 mod failover;
 mod formation;
+mod libvirt_adapter;
 mod partition;
 mod peer_port;
 mod plumbing;
@@ -112,7 +116,7 @@ pub fn with_config(toml: &str) -> Result<(tempfile::TempPath, ClusterOptions)> {
     f.write_all(toml.as_bytes())?;
     let path = f.into_temp_path();
     let opts = ClusterOptions {
-        extra_serve_args: vec!["--config".into(), path.display().to_string()],
+        config_toml: toml.to_string(),
         ..ClusterOptions::default()
     };
     Ok((path, opts))

@@ -1,0 +1,450 @@
+//! Moving a VM between hosts. The source host's VM actor drives it; the target prepares
+//! on request over the peer port; raft records the start (`MigrateVm`, written by a user
+//! or by the drain duty) and the end (`FinishMigration`, written by the source).
+//!
+//! ```text
+//!  live (running VM):
+//!    source actor ──PrepareMigration──► target: fetch template, create an empty overlay
+//!         │                             on it, data disks and seed, render its XML
+//!         │ ◄──────── dest XML, tcp://target:port, disks to copy
+//!         ├─ libvirt control connection to the target's libvirtd, tunnelled through
+//!         │  the peer port (mTLS) by a per-migration Unix socket on the source
+//!         ├─ virDomainMigrate3(LIVE | PERSIST_DEST | UNDEFINE_SOURCE | NON_SHARED_INC):
+//!         │  memory and the overlay stream qemu → qemu over the cluster network while the
+//!         │  guest keeps running
+//!         └─ remove the local disks → FinishMigration { error: None } → placement = target
+//!  cold (stopped VM):
+//!    source actor ──PrepareMigration──► target pulls the VM's disk files (FetchBlob)
+//!         └─ undefine here, remove the local disks → FinishMigration → target defines it
+//! ```
+//!
+//! Crash safety: the migration stays recorded in raft until `FinishMigration` commits, and
+//! the source's actor resumes it after a restart by looking at both hosts: domain still
+//! here → (re)run the migration; gone here but running (or, cold, its disks present) on
+//! the target → it finished, record that. Until then the target's reconciler leaves the
+//! incoming domain alone and the source's reconciler does nothing else with the VM, so
+//! there is never a second copy started.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_cluster::db::now_ms;
+use keel_cluster::model::compute::{find_template, ComputeCommand, Vm, VmMigration};
+use keel_cluster::model::{self, Command};
+use keel_cluster::{error_chain, ClusterDb};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::hypervisor::{DomainState, MigrationRequest};
+use super::reconciler::{build_domain, ComputeHost, HostFacts};
+
+/// Requests a node answers for its own host services (the `Host` peer RPC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum HostOp {
+    /// Get ready to receive `vm_id` from `source`.
+    PrepareMigration {
+        vm_id: String,
+        source: u64,
+        live: bool,
+    },
+    /// What this host has of `vm_id`.
+    VmPresence { vm_id: String },
+}
+
+/// The target's answer to `PrepareMigration`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedMigration {
+    pub dest_xml: String,
+    pub migrate_uri: String,
+    pub disks: Vec<String>,
+}
+
+/// The target's answer to `VmPresence`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmPresence {
+    pub running: bool,
+    pub defined: bool,
+    pub disks_present: bool,
+}
+
+/// How long a target may take to prepare (a template fetch, a cold disk copy).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Answers a `Host` peer request.
+pub async fn handle_host_op(host: &Arc<ComputeHost>, json: &[u8]) -> Result<Vec<u8>, String> {
+    let op: HostOp =
+        serde_json::from_slice(json).map_err(|e| format!("malformed host request: {e}"))?;
+    let reply = match op {
+        HostOp::PrepareMigration {
+            vm_id,
+            source,
+            live,
+        } => serde_json::to_vec(&prepare(host, &vm_id, source, live).await?),
+        HostOp::VmPresence { vm_id } => {
+            let uuid = Uuid::parse_str(&vm_id).map_err(|e| e.to_string())?;
+            let hv = host.hv.clone();
+            let dom = tokio::task::spawn_blocking(move || hv.lookup(uuid))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| error_chain(&e))?;
+            let disks_present = host.volumes.vm_paths(&vm_id, 0, None).root.exists();
+            serde_json::to_vec(&VmPresence {
+                running: dom
+                    .as_ref()
+                    .is_some_and(|d| d.state == DomainState::Running),
+                defined: dom.is_some(),
+                disks_present,
+            })
+        }
+    };
+    reply.map_err(|e| e.to_string())
+}
+
+/// Target side: everything the VM needs here before the source sends it.
+async fn prepare(
+    host: &Arc<ComputeHost>,
+    vm_id: &str,
+    source: u64,
+    live: bool,
+) -> Result<PreparedMigration, String> {
+    let me = host.db.node_id().ok_or("this node is not a member")?;
+    let vm = host
+        .db
+        .reader()
+        .read(|c| model::get::<Vm>(c, vm_id))
+        .map_err(|e| error_chain(&e))?
+        .ok_or_else(|| format!("VM {vm_id} is unknown here"))?;
+    if vm.migration.as_ref().map(|m| m.target) != Some(me) {
+        return Err(format!("VM {} is not moving to this host", vm.name));
+    }
+    let template = host
+        .db
+        .reader()
+        .read(|c| find_template(c, vm.spec.boot.template()))
+        .map_err(|e| error_chain(&e))?
+        .ok_or("the VM's template no longer exists")?;
+    if !host.volumes.has_template(&template.id, template.format) {
+        host.templates.fetch(&template).await?;
+    }
+    if !live {
+        let paths = host
+            .volumes
+            .vm_paths(&vm.id, vm.spec.data_disks.len(), None);
+        let mut files = vec![paths.root.clone()];
+        files.extend(paths.data.iter().cloned());
+        for file in files {
+            if !file.exists() {
+                pull_disk(&host.db, source, &vm.id, &file).await?;
+            }
+        }
+    }
+    let facts = HostFacts {
+        node_id: me,
+        domain_type: host.domain_type,
+    };
+    let (volumes, vm2, t2) = (host.volumes.clone(), vm.clone(), template.clone());
+    let dest_xml =
+        tokio::task::spawn_blocking(move || build_domain(volumes.as_ref(), &facts, &vm2, &t2))
+            .await
+            .map_err(|e| e.to_string())??;
+    let mut disks = vec!["vda".to_string()];
+    disks.extend((0..vm.spec.data_disks.len()).map(|i| format!("vd{}", (b'c' + i as u8) as char)));
+    Ok(PreparedMigration {
+        dest_xml,
+        migrate_uri: format!("tcp://{}", host.migration_ip),
+        disks,
+    })
+}
+
+/// Copies one of a stopped VM's disk files from `source` (cold migration).
+async fn pull_disk(db: &ClusterDb, source: u64, vm_id: &str, dest: &Path) -> Result<(), String> {
+    let file = dest
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or("bad disk path")?
+        .to_string();
+    let json = serde_json::to_vec(&super::transfer::BlobRequest::VmDisk {
+        vm_id: vm_id.into(),
+        file,
+    })
+    .map_err(|e| e.to_string())?;
+    let mut stream = db
+        .fetch_blob(source, json)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    if let Some(dir) = dest.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    }
+    let part = dest.with_extension("part");
+    let mut out = tokio::fs::File::create(&part)
+        .await
+        .map_err(|e| format!("create {}: {e}", part.display()))?;
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| format!("node {source} stopped sending: {}", e.message()))?
+    {
+        out.write_all(&chunk.data)
+            .await
+            .map_err(|e| format!("write {}: {e}", part.display()))?;
+    }
+    out.sync_all().await.map_err(|e| e.to_string())?;
+    tokio::fs::rename(&part, dest)
+        .await
+        .map_err(|e| format!("rename {}: {e}", dest.display()))
+}
+
+/// Source side: carries out (or resumes) the migration recorded for `vm`, then records
+/// how it ended.
+pub async fn migrate_out(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) {
+    let result = run_migration(host, vm, m).await;
+    if let Err(e) = &result {
+        tracing::warn!(vm = %vm.name, target = m.target, error = %e, "compute: migration failed");
+    } else {
+        tracing::info!(vm = %vm.name, target = m.target, "compute: migration finished");
+    }
+    let command = Command::Compute {
+        command: ComputeCommand::FinishMigration {
+            vm_id: vm.id.clone(),
+            target: m.target,
+            error: result.err(),
+            now_ms: now_ms(),
+        },
+    };
+    if let Err(e) = host.db.write(command).await {
+        tracing::warn!(vm = %vm.name, error = %error_chain(&e), "compute: migration result not recorded; will retry");
+    }
+}
+
+async fn host_call<T: for<'de> Deserialize<'de>>(
+    db: &ClusterDb,
+    target: u64,
+    op: &HostOp,
+    timeout: Duration,
+) -> Result<T, String> {
+    let json = serde_json::to_vec(op).map_err(|e| e.to_string())?;
+    let reply = db
+        .host_call(target, json, timeout)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    serde_json::from_slice(&reply).map_err(|e| format!("malformed reply from node {target}: {e}"))
+}
+
+async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Result<(), String> {
+    let uuid = Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?;
+    let hv = host.hv.clone();
+    let here = tokio::task::spawn_blocking(move || hv.lookup(uuid))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| error_chain(&e))?;
+    if here.is_none() {
+        // Resuming after a crash: did it finish?
+        let there: VmPresence = host_call(
+            &host.db,
+            m.target,
+            &HostOp::VmPresence {
+                vm_id: vm.id.clone(),
+            },
+            Duration::from_secs(10),
+        )
+        .await?;
+        let done = if m.live {
+            there.running
+        } else {
+            there.disks_present
+        };
+        if done {
+            let _ = host.volumes.delete_vm(&vm.id);
+            return Ok(());
+        }
+        return Err("the VM is on neither host any more".into());
+    }
+    let prepared: PreparedMigration = host_call(
+        &host.db,
+        m.target,
+        &HostOp::PrepareMigration {
+            vm_id: vm.id.clone(),
+            source: host.db.node_id().unwrap_or_default(),
+            live: m.live,
+        },
+        PREPARE_TIMEOUT,
+    )
+    .await?;
+    if m.live {
+        let tunnel = LibvirtTunnel::open(&host.db, m.target, &host.run_dir, &vm.id).await?;
+        let request = MigrationRequest {
+            dest_uri: format!("qemu+unix:///system?socket={}", tunnel.path.display()),
+            migrate_uri: prepared.migrate_uri,
+            dest_xml: prepared.dest_xml,
+            copy_storage: true,
+            disks: prepared.disks,
+        };
+        let hv = host.hv.clone();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || hv.migrate(uuid, &request))
+            .await
+            .map_err(|e| e.to_string())?;
+        drop(tunnel);
+        result.map_err(|e| error_chain(&e))?;
+        tracing::info!(vm = %vm.name, ms = started.elapsed().as_millis() as u64, "compute: live migration done");
+    } else {
+        let hv = host.hv.clone();
+        tokio::task::spawn_blocking(move || hv.undefine(uuid))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| error_chain(&e))?;
+    }
+    host.volumes
+        .delete_vm(&vm.id)
+        .map_err(|e| error_chain(&e))?;
+    Ok(())
+}
+
+/// A Unix socket on the source whose connections are relayed to the target's libvirtd
+/// over the peer port, so a migration needs no libvirt TLS or TCP listener.
+struct LibvirtTunnel {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LibvirtTunnel {
+    async fn open(
+        db: &ClusterDb,
+        target: u64,
+        run_dir: &Path,
+        vm_id: &str,
+    ) -> Result<Self, String> {
+        tokio::fs::create_dir_all(run_dir)
+            .await
+            .map_err(|e| format!("create {}: {e}", run_dir.display()))?;
+        // Unix socket paths are limited to 108 bytes: keep the name short.
+        let path = run_dir.join(format!("mig-{}.sock", &vm_id[..8.min(vm_id.len())]));
+        let _ = tokio::fs::remove_file(&path).await;
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+        let db = db.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = relay(db, target, conn).await {
+                        tracing::debug!(error = %e, "compute: libvirt tunnel closed");
+                    }
+                });
+            }
+        });
+        Ok(Self { path, task })
+    }
+}
+
+impl Drop for LibvirtTunnel {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+async fn relay(db: ClusterDb, target: u64, conn: tokio::net::UnixStream) -> Result<(), String> {
+    let header = serde_json::to_vec(&super::console::DuplexRequest::Libvirt {})
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut remote = db
+        .duplex(target, header, rx)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let (mut rd, mut wr) = conn.into_split();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Ok(Some(chunk)) = remote.message().await {
+        if wr.write_all(&chunk.data).await.is_err() {
+            break;
+        }
+    }
+    up.abort();
+    Ok(())
+}
+
+/// Target side of the tunnel: a connection to this host's own libvirtd socket.
+pub async fn open_libvirt_socket(
+    socket: &Path,
+    mut inbound: keel_cluster::transport::DuplexInbound,
+) -> Result<keel_cluster::transport::DuplexOutbound, String> {
+    let conn = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect to libvirtd at {}: {e}", socket.display()))?;
+    let (mut rd, mut wr) = conn.into_split();
+    tokio::spawn(async move {
+        while let Some(data) = inbound.recv().await {
+            if wr.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+    });
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(tonic::Status::unavailable(e.to_string())))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// The Unix socket of the libvirtd a `qemu:///system[?socket=PATH]` URI names.
+pub fn libvirt_socket_of(uri: &str) -> PathBuf {
+    uri.split_once('?')
+        .and_then(|(_, query)| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/libvirt/libvirt-sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_libvirt_socket_comes_from_the_uri() {
+        assert_eq!(
+            libvirt_socket_of("qemu:///system"),
+            PathBuf::from("/run/libvirt/libvirt-sock")
+        );
+        assert_eq!(
+            libvirt_socket_of("qemu:///system?socket=/x/run/libvirt-sock"),
+            PathBuf::from("/x/run/libvirt-sock")
+        );
+    }
+}

@@ -1,0 +1,861 @@
+//! The per-host compute reconciler: makes this host's hypervisor match the VMs the cluster
+//! placed here, and reports what it observed back through raft.
+//!
+//! One owning task per VM (its actor) does every hypervisor call for that VM, so two
+//! actions on one VM never race. The manager loop wakes on every raft apply and on a timer,
+//! reads the VMs placed on this host and hands each actor the latest record through a
+//! watch channel (an actor always acts on the newest desired state, never on a backlog).
+//!
+//! ```text
+//!  actor loop (one per VM):
+//!    ┌──────────────────────────────────────────────────────────────────────┐
+//!    ▼                                                                      │
+//!  desired ──deleting──► destroy → undefine → remove disks → report absent ─┘ (ends)
+//!    │
+//!    ├─ not defined, or defined from an older generation while shut off:
+//!    │      fetch template if missing → create disks/seed → define
+//!    ├─ power=running: reboot requested? (stop-then-start, or reset if forced)
+//!    │                 not running? start
+//!    ├─ power=stopped: running? ACPI shutdown, wait ≤ stop timeout, then power off
+//!    └─ report state/generation/reboot/error if it differs from the last report
+//!       then wait for a new desired state or the resync timer (sooner after an error)
+//! ```
+//!
+//! Idempotence: every step checks the hypervisor first, so running the loop again after a
+//! crash at any point (node service or libvirtd) converges to one domain in the desired
+//! state. Domains the cluster does not know are listed in the host's hypervisor report and
+//! left alone; a domain of a VM that the cluster placed on another host is removed here
+//! only once that host reports it running (so a VM is never lost between two hosts).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_cluster::db::now_ms;
+use keel_cluster::model::compute::{
+    find_template, BootSource, ComputeCommand, ImageFormat, PowerIntent, RunState, Template, Vm,
+};
+use keel_cluster::model::{self, Command, HypervisorReport};
+use keel_cluster::types::NodeId;
+use keel_cluster::{error_chain, ClusterDb};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::domain_xml::{
+    self, BootMode, DiskAttachment, DiskBus, DiskCache, DiskDevice, DiskFormat, DomainSpec,
+    DomainType, KeelMetadata, NicAttachment, VncSpec,
+};
+use super::hypervisor::{DomainState, Hypervisor};
+use super::images::{DiskRequest, Volumes};
+use super::seed::NoCloudSeed;
+
+/// Fetches templates this host lacks from a host that has them.
+#[tonic::async_trait]
+pub trait TemplateSource: Send + Sync + 'static {
+    async fn fetch(&self, template: &Template) -> Result<(), String>;
+}
+
+/// How often a graceful stop checks whether the guest is off.
+const STOP_POLL: Duration = Duration::from_millis(250);
+/// How often a graceful stop presses the ACPI power button again.
+const ACPI_REPEAT: Duration = Duration::from_secs(3);
+/// Retry delay after a failed step.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(2);
+
+/// What the host's reconciler needs; shared by the manager and every actor.
+pub struct ComputeHost {
+    pub db: ClusterDb,
+    pub hv: Arc<dyn Hypervisor>,
+    pub volumes: Arc<dyn Volumes>,
+    pub templates: Arc<dyn TemplateSource>,
+    pub resync: Duration,
+    /// The hypervisor report, refreshed by the manager; the agent folds it into the
+    /// host's inventory.
+    pub report: Arc<Mutex<Option<HypervisorReport>>>,
+    /// The domain type VMs get here.
+    pub domain_type: DomainType,
+    /// Where this host receives live migrations (the cluster network).
+    pub migration_ip: std::net::IpAddr,
+    /// Runtime sockets (migration tunnels).
+    pub run_dir: std::path::PathBuf,
+    /// This host's libvirtd socket, for tunnelled control connections from other hosts.
+    pub libvirt_socket: std::path::PathBuf,
+}
+
+/// One observation of a VM, as reported through raft.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub state: RunState,
+    pub generation: u64,
+    pub reboot_seq: u64,
+    pub error: Option<String>,
+}
+
+/// The facts about this host that shape a VM's domain.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    pub node_id: NodeId,
+    pub domain_type: DomainType,
+}
+
+struct ActorHandle {
+    desired: watch::Sender<Option<Vm>>,
+}
+
+impl ComputeHost {
+    /// Runs the manager until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let node_id = loop {
+            if let Some(id) = self.db.node_id() {
+                break id;
+            }
+            let mut watch = self.db.membership_watch();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = watch.changed() => {}
+            }
+        };
+        let mut applied = self.db.reader().applied();
+        let mut actors: HashMap<String, ActorHandle> = HashMap::new();
+        let mut last_probe: Option<Instant> = None;
+        let mut facts: Option<HostFacts> = None;
+        loop {
+            if last_probe.is_none_or(|t| t.elapsed() >= self.resync) || facts.is_none() {
+                facts = Some(self.probe(node_id).await);
+                last_probe = Some(Instant::now());
+            }
+            let host_facts = facts.clone().unwrap_or(HostFacts {
+                node_id,
+                domain_type: DomainType::Qemu,
+            });
+            self.dispatch(&host_facts, &mut actors, &stop).await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                r = applied.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep(self.resync) => {}
+            }
+        }
+    }
+
+    /// Reads the VMs placed here and feeds their actors; ends actors of VMs that left.
+    async fn dispatch(
+        self: &Arc<Self>,
+        facts: &HostFacts,
+        actors: &mut HashMap<String, ActorHandle>,
+        stop: &CancellationToken,
+    ) {
+        let vms = match self.db.reader().read(model::list::<Vm>) {
+            Ok(vms) => vms,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "compute: cannot read the VMs");
+                return;
+            }
+        };
+        let mine: HashMap<String, Vm> = vms
+            .iter()
+            .filter(|vm| vm.host == Some(facts.node_id))
+            .map(|vm| (vm.id.clone(), vm.clone()))
+            .collect();
+        for (id, vm) in &mine {
+            match actors.get(id) {
+                Some(handle) if !handle.desired.is_closed() => {
+                    handle.desired.send_replace(Some(vm.clone()));
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(Some(vm.clone()));
+                    tokio::spawn(actor(self.clone(), facts.clone(), rx, stop.child_token()));
+                    actors.insert(id.clone(), ActorHandle { desired: tx });
+                }
+            }
+        }
+        actors.retain(|id, handle| {
+            if mine.contains_key(id) {
+                return !handle.desired.is_closed();
+            }
+            // No longer placed here (deleted, or moved by the leader): the actor stops;
+            // leftovers are handled by the orphan sweep below.
+            handle.desired.send_replace(None);
+            false
+        });
+        self.sweep_orphans(facts, &vms).await;
+    }
+
+    /// Lists domains the cluster does not place here. Unknown domains are reported (in the
+    /// hypervisor report) and left alone; a Keel domain whose VM now runs elsewhere is
+    /// removed here.
+    async fn sweep_orphans(&self, facts: &HostFacts, vms: &[Vm]) {
+        let hv = self.hv.clone();
+        let Ok(Ok(domains)) = tokio::task::spawn_blocking(move || hv.list()).await else {
+            return;
+        };
+        let by_id: HashMap<&str, &Vm> = vms.iter().map(|vm| (vm.id.as_str(), vm)).collect();
+        let mut unknown = BTreeSet::new();
+        for dom in domains {
+            let id = dom.uuid.to_string();
+            match by_id.get(id.as_str()) {
+                Some(vm) if vm.host == Some(facts.node_id) => {}
+                // An incoming migration: the source still owns it.
+                Some(vm)
+                    if vm
+                        .migration
+                        .as_ref()
+                        .is_some_and(|m| m.target == facts.node_id) => {}
+                Some(vm) => {
+                    let running_elsewhere = vm
+                        .observed
+                        .as_ref()
+                        .is_some_and(|o| Some(o.host) == vm.host && o.host != facts.node_id);
+                    if running_elsewhere {
+                        tracing::info!(vm = %vm.name, "compute: removing a stale copy of a VM that runs on another host");
+                        let hv = self.hv.clone();
+                        let volumes = self.volumes.clone();
+                        let uuid = dom.uuid;
+                        let vm_id = vm.id.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            hv.destroy(uuid)?;
+                            hv.undefine(uuid)?;
+                            let _ = volumes.delete_vm(&vm_id);
+                            Ok::<_, super::hypervisor::HypervisorError>(())
+                        })
+                        .await;
+                    }
+                }
+                None => {
+                    unknown.insert(dom.name.clone());
+                }
+            }
+        }
+        let mut report = self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = report.as_mut() {
+            r.unmanaged_domains = unknown.into_iter().collect();
+        }
+    }
+
+    /// Asks the hypervisor what it offers; the result goes into the host's inventory.
+    async fn probe(&self, node_id: NodeId) -> HostFacts {
+        let hv = self.hv.clone();
+        let caps = tokio::task::spawn_blocking(move || hv.capabilities()).await;
+        let previous_unmanaged = self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|r| r.unmanaged_domains.clone())
+            .unwrap_or_default();
+        // KVM only when a guest has been seen to boot under it (the probe comes with the
+        // KVM work); advertising `kvm` proves nothing on nested hosts.
+        let domain_type = DomainType::Qemu;
+        let report = match caps {
+            Ok(Ok(caps)) => HypervisorReport {
+                domain_type: "qemu".into(),
+                libvirt_version: caps.libvirt_version,
+                hypervisor_version: caps.hypervisor_version,
+                error: (!caps.domain_types.iter().any(|t| t == "qemu"))
+                    .then(|| "libvirt offers no qemu domain type".to_string()),
+                unmanaged_domains: previous_unmanaged,
+            },
+            Ok(Err(e)) => HypervisorReport {
+                domain_type: "qemu".into(),
+                error: Some(error_chain(&e)),
+                unmanaged_domains: previous_unmanaged,
+                ..Default::default()
+            },
+            Err(e) => HypervisorReport {
+                domain_type: "qemu".into(),
+                error: Some(format!("probe task failed: {e}")),
+                ..Default::default()
+            },
+        };
+        *self
+            .report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+        HostFacts {
+            node_id,
+            domain_type,
+        }
+    }
+}
+
+/// One VM's owning task.
+async fn actor(
+    host: Arc<ComputeHost>,
+    facts: HostFacts,
+    mut desired: watch::Receiver<Option<Vm>>,
+    stop: CancellationToken,
+) {
+    let mut reboot_done: Option<u64> = None;
+    loop {
+        let Some(vm) = desired.borrow_and_update().clone() else {
+            return;
+        };
+        if let Some(m) = vm.migration.clone() {
+            // While a move is recorded, the migration is the only thing done with the VM.
+            super::migration::migrate_out(&host, &vm, &m).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = desired.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(RETRY_AFTER_ERROR) => {}
+            }
+            continue;
+        }
+        // A reboot is owed only if requested after what this host last carried out.
+        let done = *reboot_done.get_or_insert(match &vm.observed {
+            Some(o) if o.host == facts.node_id => o.reboot_seq,
+            _ => vm.reboot_seq,
+        });
+        let template = host
+            .db
+            .reader()
+            .read(|c| find_template(c, vm.spec.boot.template()))
+            .ok()
+            .flatten();
+        let mut fetch_error = None;
+        if let Some(t) = &template {
+            if !vm.deleting && !host.volumes.has_template(&t.id, t.format) {
+                if let Err(e) = host.templates.fetch(t).await {
+                    fetch_error = Some(format!("template {} is not available here: {e}", t.name));
+                }
+            }
+        }
+        let observation = match fetch_error {
+            Some(error) => Observation {
+                state: RunState::Absent,
+                generation: 0,
+                reboot_seq: done,
+                error: Some(error),
+            },
+            None => {
+                let (hv, volumes, facts2, vm2) = (
+                    host.hv.clone(),
+                    host.volumes.clone(),
+                    facts.clone(),
+                    vm.clone(),
+                );
+                let mut done2 = done;
+                match tokio::task::spawn_blocking(move || {
+                    let obs = converge(
+                        hv.as_ref(),
+                        volumes.as_ref(),
+                        &facts2,
+                        &vm2,
+                        template.as_ref(),
+                        &mut done2,
+                    );
+                    (obs, done2)
+                })
+                .await
+                {
+                    Ok((obs, d)) => {
+                        reboot_done = Some(d);
+                        obs
+                    }
+                    Err(e) => Observation {
+                        state: RunState::Unknown,
+                        generation: 0,
+                        reboot_seq: done,
+                        error: Some(format!("reconcile task failed: {e}")),
+                    },
+                }
+            }
+        };
+        let failed = observation.error.is_some();
+        report(&host, &facts, &vm, &observation).await;
+        if vm.deleting && observation.state == RunState::Absent && !failed {
+            return;
+        }
+        let wait = if failed {
+            RETRY_AFTER_ERROR
+        } else {
+            host.resync
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = desired.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Writes the observation to raft unless the state already says the same.
+async fn report(host: &ComputeHost, facts: &HostFacts, vm: &Vm, obs: &Observation) {
+    let same = vm.observed.as_ref().is_some_and(|o| {
+        o.host == facts.node_id
+            && o.state == obs.state
+            && o.generation == obs.generation
+            && o.reboot_seq == obs.reboot_seq
+            && o.last_error == obs.error
+    });
+    if same && !(vm.deleting && obs.state == RunState::Absent) {
+        return;
+    }
+    if let Some(e) = &obs.error {
+        tracing::warn!(vm = %vm.name, error = %e, "compute: VM not converged");
+    } else {
+        tracing::info!(vm = %vm.name, state = %obs.state, generation = obs.generation, "compute: VM state");
+    }
+    let command = Command::Compute {
+        command: ComputeCommand::ReportVm {
+            vm_id: vm.id.clone(),
+            host_id: facts.node_id,
+            state: obs.state,
+            generation: obs.generation,
+            reboot_seq: obs.reboot_seq,
+            error: obs.error.clone(),
+            now_ms: now_ms(),
+        },
+    };
+    if let Err(e) = host.db.write(command).await {
+        tracing::debug!(vm = %vm.name, error = %error_chain(&e), "compute: report not written; will retry");
+    }
+}
+
+fn run_state(state: DomainState) -> RunState {
+    match state {
+        DomainState::Running => RunState::Running,
+        DomainState::Paused => RunState::Paused,
+        DomainState::ShuttingDown => RunState::ShuttingDown,
+        DomainState::ShutOff => RunState::Stopped,
+        DomainState::Crashed => RunState::Crashed,
+        DomainState::Other => RunState::Unknown,
+    }
+}
+
+/// The libvirt domain name of a VM: recognisable in `virsh list` and unique per host.
+pub fn domain_name(vm: &Vm) -> String {
+    format!("keel-{}", vm.name)
+}
+
+/// Brings one VM's domain to its desired state. Blocking; returns what it then observes.
+pub fn converge(
+    hv: &dyn Hypervisor,
+    volumes: &dyn Volumes,
+    facts: &HostFacts,
+    vm: &Vm,
+    template: Option<&Template>,
+    reboot_done: &mut u64,
+) -> Observation {
+    let mut generation = 0;
+    let result = (|| -> Result<RunState, String> {
+        let uuid = Uuid::parse_str(&vm.id).map_err(|e| format!("VM id is not a UUID: {e}"))?;
+        if vm.deleting {
+            hv.destroy(uuid).map_err(|e| error_chain(&e))?;
+            hv.undefine(uuid).map_err(|e| error_chain(&e))?;
+            volumes.delete_vm(&vm.id).map_err(|e| error_chain(&e))?;
+            return Ok(RunState::Absent);
+        }
+        let mut dom = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+        if let Some(d) = &dom {
+            generation = defined_generation(hv, uuid);
+            let _ = d;
+        }
+        let stale = dom
+            .as_ref()
+            .is_some_and(|d| d.state == DomainState::ShutOff && generation != vm.generation);
+        if dom.is_none() || stale {
+            let template = template
+                .ok_or_else(|| format!("template {} no longer exists", vm.spec.boot.template()))?;
+            let xml = build_domain(volumes, facts, vm, template)?;
+            hv.define(&xml).map_err(|e| error_chain(&e))?;
+            generation = vm.generation;
+            dom = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+        }
+        let state = dom.map_or(DomainState::ShutOff, |d| d.state);
+        match vm.power {
+            PowerIntent::Running => {
+                if vm.reboot_seq > *reboot_done && state == DomainState::Running {
+                    if vm.reboot_forced {
+                        hv.reset(uuid).map_err(|e| error_chain(&e))?;
+                    } else {
+                        graceful_stop(hv, uuid, vm.stop_timeout_s)?;
+                        hv.start(uuid).map_err(|e| error_chain(&e))?;
+                    }
+                    *reboot_done = vm.reboot_seq;
+                } else if matches!(state, DomainState::ShutOff | DomainState::Crashed) {
+                    if state == DomainState::Crashed {
+                        hv.destroy(uuid).map_err(|e| error_chain(&e))?;
+                    }
+                    hv.start(uuid).map_err(|e| error_chain(&e))?;
+                    *reboot_done = vm.reboot_seq;
+                }
+            }
+            PowerIntent::Stopped => {
+                if !matches!(state, DomainState::ShutOff) {
+                    graceful_stop(hv, uuid, vm.stop_timeout_s)?;
+                }
+                *reboot_done = vm.reboot_seq;
+            }
+        }
+        let now = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+        Ok(now.map_or(RunState::Absent, |d| run_state(d.state)))
+    })();
+    match result {
+        Ok(state) => Observation {
+            state,
+            generation: if state == RunState::Absent {
+                0
+            } else {
+                generation
+            },
+            reboot_seq: *reboot_done,
+            error: None,
+        },
+        Err(error) => {
+            let state = Uuid::parse_str(&vm.id)
+                .ok()
+                .and_then(|u| hv.lookup(u).ok().flatten())
+                .map_or(RunState::Absent, |d| run_state(d.state));
+            Observation {
+                state,
+                generation,
+                reboot_seq: *reboot_done,
+                error: Some(error),
+            }
+        }
+    }
+}
+
+/// The spec generation a defined domain was built from (0 when it carries no Keel
+/// metadata, which forces a redefine).
+fn defined_generation(hv: &dyn Hypervisor, uuid: Uuid) -> u64 {
+    hv.xml(uuid)
+        .ok()
+        .and_then(|xml| domain_xml::read_metadata(&xml).ok().flatten())
+        .map_or(0, |m| m.generation)
+}
+
+/// ACPI shutdown, wait up to `timeout_s`, then power off.
+fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), String> {
+    if timeout_s > 0 {
+        hv.shutdown(uuid).map_err(|e| error_chain(&e))?;
+        let deadline = Instant::now() + Duration::from_secs(u64::from(timeout_s));
+        let mut last_request = Instant::now();
+        while Instant::now() < deadline {
+            match hv.lookup(uuid).map_err(|e| error_chain(&e))? {
+                None => return Ok(()),
+                Some(d) if d.state == DomainState::ShutOff => return Ok(()),
+                Some(_) => std::thread::sleep(STOP_POLL),
+            }
+            // A guest still booting drops an ACPI press it gets before its handler runs;
+            // pressing again now and then is what an operator would do.
+            if last_request.elapsed() >= ACPI_REPEAT {
+                let _ = hv.shutdown(uuid);
+                last_request = Instant::now();
+            }
+        }
+        tracing::info!(%uuid, timeout_s, "compute: guest did not power off in time; forcing");
+    }
+    hv.destroy(uuid).map_err(|e| error_chain(&e))
+}
+
+/// Creates the VM's disks and seed and renders its domain XML.
+pub fn build_domain(
+    volumes: &dyn Volumes,
+    facts: &HostFacts,
+    vm: &Vm,
+    template: &Template,
+) -> Result<String, String> {
+    let seed = NoCloudSeed {
+        instance_id: vm.id.clone(),
+        hostname: vm.name.clone(),
+        user_data: vm.spec.cloud_init.user_data.clone(),
+        ssh_authorized_keys: vm.spec.cloud_init.ssh_keys.clone(),
+        network_config: None,
+    };
+    let disks = volumes
+        .ensure_vm_disks(&DiskRequest {
+            vm_id: &vm.id,
+            template_id: &template.id,
+            template_format: template.format,
+            root_size_bytes: vm.spec.root_disk_gib.map(|g| g << 30),
+            data_disk_bytes: vm
+                .spec
+                .data_disks
+                .iter()
+                .map(|d| d.size_gib << 30)
+                .collect(),
+            seed: &seed,
+        })
+        .map_err(|e| error_chain(&e))?;
+    let disk =
+        |path: &std::path::Path, format: DiskFormat, target: &str, device: DiskDevice, ro: bool| {
+            DiskAttachment {
+                path: path.to_path_buf(),
+                format,
+                target: target.into(),
+                bus: if device == DiskDevice::Cdrom {
+                    DiskBus::Sata
+                } else {
+                    DiskBus::Virtio
+                },
+                device,
+                read_only: ro,
+                cache: DiskCache::None_,
+            }
+        };
+    let mut attachments = vec![disk(
+        &disks.root,
+        DiskFormat::Qcow2,
+        "vda",
+        DiskDevice::Disk,
+        false,
+    )];
+    for (i, path) in disks.data.iter().enumerate() {
+        let target = format!("vd{}", (b'c' + i as u8) as char);
+        attachments.push(disk(
+            path,
+            DiskFormat::Qcow2,
+            &target,
+            DiskDevice::Disk,
+            false,
+        ));
+    }
+    attachments.insert(
+        1,
+        disk(&disks.seed, DiskFormat::Raw, "vdb", DiskDevice::Disk, true),
+    );
+    if let Some(iso) = &disks.cdrom {
+        attachments.push(disk(iso, DiskFormat::Raw, "sda", DiskDevice::Cdrom, true));
+    }
+    let boot = match (&vm.spec.boot, template.format) {
+        (BootSource::Iso { .. }, _) | (_, ImageFormat::Iso) => BootMode::Cdrom,
+        _ => BootMode::Disk,
+    };
+    let spec = DomainSpec {
+        uuid: Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?,
+        name: domain_name(vm),
+        domain_type: facts.domain_type,
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        disks: attachments,
+        boot,
+        nics: vm
+            .spec
+            .nics
+            .iter()
+            .map(|n| NicAttachment {
+                mac: n.mac.clone().unwrap_or_default(),
+                bridge: n.bridge.clone(),
+                model: "virtio".into(),
+                target_dev: None,
+            })
+            .collect(),
+        serial_log: Some(disks.console_log.clone()),
+        vnc: Some(VncSpec {
+            listen: std::net::IpAddr::from([127, 0, 0, 1]),
+        }),
+        metadata: KeelMetadata {
+            vm_id: vm.id.clone(),
+            generation: vm.generation,
+        },
+    };
+    domain_xml::render(&spec).map_err(|e| error_chain(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use keel_cluster::model::compute::{CloudInit, VmSpec};
+
+    use super::super::fake::{FakeHypervisor, FakeOp};
+    use super::super::images::{ImageError, VmDisks};
+    use super::*;
+
+    /// Volumes that only remember what was asked of them.
+    #[derive(Default)]
+    struct FakeVolumes {
+        created: Mutex<Vec<String>>,
+        deleted: Mutex<Vec<String>>,
+    }
+
+    impl Volumes for FakeVolumes {
+        fn has_template(&self, _: &str, _: ImageFormat) -> bool {
+            true
+        }
+        fn template_path(&self, id: &str, _: ImageFormat) -> PathBuf {
+            PathBuf::from(format!("/images/templates/{id}.qcow2"))
+        }
+        fn ensure_vm_disks(&self, req: &DiskRequest<'_>) -> Result<VmDisks, ImageError> {
+            self.created
+                .lock()
+                .expect("lock")
+                .push(req.vm_id.to_string());
+            Ok(self.vm_paths(req.vm_id, req.data_disk_bytes.len(), None))
+        }
+        fn delete_vm(&self, vm_id: &str) -> Result<(), ImageError> {
+            self.deleted.lock().expect("lock").push(vm_id.to_string());
+            Ok(())
+        }
+        fn vm_paths(&self, vm_id: &str, data: usize, cdrom: Option<PathBuf>) -> VmDisks {
+            let dir = PathBuf::from(format!("/images/vms/{vm_id}"));
+            VmDisks {
+                root: dir.join("root.qcow2"),
+                cdrom,
+                data: (0..data)
+                    .map(|i| dir.join(format!("data-{i}.qcow2")))
+                    .collect(),
+                seed: dir.join("seed.img"),
+                console_log: dir.join("console.log"),
+            }
+        }
+    }
+
+    fn template() -> Template {
+        Template {
+            id: "t1".into(),
+            name: "tiny".into(),
+            format: ImageFormat::Qcow2,
+            size_bytes: 1,
+            virtual_size_bytes: 1,
+            sha256: "0".repeat(64),
+            replicas: vec![1],
+            created_at_ms: 1,
+        }
+    }
+
+    fn vm() -> Vm {
+        Vm {
+            id: "6f1c1d8e-8a8e-4c47-9d1e-3a1f6a0c2b11".into(),
+            name: "web".into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 128,
+                boot: BootSource::Template {
+                    template: "t1".into(),
+                },
+                root_disk_gib: None,
+                data_disks: vec![],
+                nics: vec![],
+                cloud_init: CloudInit::default(),
+                affinity_group: None,
+                ha: false,
+            },
+            generation: 1,
+            power: PowerIntent::Running,
+            stop_timeout_s: 1,
+            reboot_seq: 0,
+            reboot_forced: false,
+            deleting: false,
+            host: Some(1),
+            pending_reason: None,
+            observed: None,
+            active_ops: vec![],
+            created_at_ms: 1,
+            migration: None,
+        }
+    }
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            node_id: 1,
+            domain_type: DomainType::Qemu,
+        }
+    }
+
+    fn step(hv: &FakeHypervisor, vols: &FakeVolumes, vm: &Vm, done: &mut u64) -> Observation {
+        converge(hv, vols, &facts(), vm, Some(&template()), done)
+    }
+
+    #[test]
+    fn a_new_vm_is_defined_and_started_once() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut done = 0;
+        let obs = step(&hv, &vols, &vm(), &mut done);
+        assert_eq!(obs.state, RunState::Running, "{obs:?}");
+        assert_eq!(obs.generation, 1);
+        assert_eq!(obs.error, None);
+        // Converging again changes nothing on the hypervisor.
+        let again = step(&hv, &vols, &vm(), &mut done);
+        assert_eq!(again, obs);
+        assert_eq!(hv.calls(FakeOp::Define), 1);
+        assert_eq!(hv.calls(FakeOp::Start), 1);
+        assert_eq!(hv.domains().len(), 1);
+        let dom = hv.domains().into_values().next().expect("domain");
+        assert_eq!(dom.current().name, "keel-web");
+    }
+
+    #[test]
+    fn a_stop_the_guest_ignores_is_forced_after_the_timeout() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        let mut done = 0;
+        step(&hv, &vols, &v, &mut done);
+        let uuid = Uuid::parse_str(&v.id).expect("uuid");
+        hv.set_ignores_acpi(uuid, true);
+        v.power = PowerIntent::Stopped;
+        let started = Instant::now();
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(obs.state, RunState::Stopped, "{obs:?}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "waited for the guest first"
+        );
+        assert!(hv.calls(FakeOp::Shutdown) >= 1);
+        assert_eq!(hv.calls(FakeOp::Destroy), 1);
+    }
+
+    #[test]
+    fn a_resize_redefines_the_stopped_domain_and_a_delete_removes_everything() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        v.power = PowerIntent::Stopped;
+        let mut done = 0;
+        assert_eq!(step(&hv, &vols, &v, &mut done).state, RunState::Stopped);
+        v.spec.vcpus = 2;
+        v.generation = 2;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.generation), (RunState::Stopped, 2));
+        assert_eq!(hv.calls(FakeOp::Define), 2);
+        let dom = hv.domains().into_values().next().expect("domain");
+        assert_eq!(dom.current().vcpus, 2);
+
+        v.deleting = true;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(obs.state, RunState::Absent);
+        assert!(hv.domains().is_empty());
+        assert_eq!(
+            vols.deleted.lock().expect("lock").as_slice(),
+            [v.id.clone()]
+        );
+        // Deleting again (a retry after a crash) succeeds too.
+        assert_eq!(step(&hv, &vols, &v, &mut done).error, None);
+    }
+
+    #[test]
+    fn reboots_are_carried_out_once_and_forced_ones_reset() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        let mut done = 0;
+        step(&hv, &vols, &v, &mut done);
+        v.reboot_seq = 1;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.reboot_seq), (RunState::Running, 1));
+        assert_eq!(hv.calls(FakeOp::Shutdown), 1);
+        assert_eq!(hv.calls(FakeOp::Start), 2);
+        step(&hv, &vols, &v, &mut done);
+        assert_eq!(hv.calls(FakeOp::Start), 2, "a reboot is not repeated");
+        v.reboot_seq = 2;
+        v.reboot_forced = true;
+        step(&hv, &vols, &v, &mut done);
+        assert_eq!(hv.calls(FakeOp::Reset), 1);
+    }
+
+    #[test]
+    fn a_hypervisor_failure_is_reported_and_the_next_pass_recovers() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        hv.fail_next(FakeOp::Start);
+        let mut done = 0;
+        let obs = step(&hv, &vols, &vm(), &mut done);
+        assert_eq!(obs.state, RunState::Stopped);
+        let error = obs.error.expect("error");
+        assert!(error.contains("start"), "{error}");
+        let obs = step(&hv, &vols, &vm(), &mut done);
+        assert_eq!((obs.state, obs.error), (RunState::Running, None));
+        assert_eq!(hv.calls(FakeOp::Define), 1, "defined once across the retry");
+    }
+}

@@ -1,0 +1,467 @@
+//! Compute end to end: real libvirtd per namespace host, real TCG guests booted from the
+//! tiny template (`scripts/guest-images tiny`), driven through the `keel` CLI.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use keel_tests::cluster::{ClusterOptions, TestCluster};
+use keel_tests::wait::{millis, secs, wait_until};
+use serde_json::Value;
+
+use super::cli_quiet;
+
+/// The tiny test template; `scripts/test` builds it before the suite runs.
+pub fn tiny_image() -> Result<PathBuf> {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-images/keel-tiny.qcow2");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it with `scripts/guest-images tiny` (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A formed cluster of `n` hosts with a libvirtd each and the tiny template imported.
+pub async fn compute_cluster(n: usize) -> Result<TestCluster> {
+    let opts = ClusterOptions {
+        libvirt: true,
+        config_toml: "[duties]\nheartbeat_interval_ms = 300\nsuspect_after_ms = 1500\ndown_after_ms = 4000\nvoter_replace_after_ms = 60000\ntick_ms = 200\n".into(),
+        ..ClusterOptions::default()
+    };
+    let c = TestCluster::form_with(n, opts).await?;
+    let image = tiny_image()?;
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "template",
+            "import",
+            &image.display().to_string(),
+            "--name",
+            "tiny",
+            "--format",
+            "qcow2",
+        ],
+    )
+    .await?;
+    // Every host has reported a working hypervisor before VMs are placed.
+    wait_until(
+        "every host reports its hypervisor",
+        secs(60),
+        millis(300),
+        || async {
+            let hosts = cli_quiet(&c, 0, &["node", "list"]).await?;
+            let ready = hosts.as_array().is_some_and(|a| {
+                a.len() == n
+                    && a.iter().all(|h| {
+                        let hv = &h["inventory"]["hypervisor"];
+                        hv.is_object() && hv["error"].is_null()
+                    })
+            });
+            Ok(ready.then_some(()))
+        },
+    )
+    .await?;
+    Ok(c)
+}
+
+pub async fn vm_show(c: &TestCluster, i: usize, vm: &str) -> Result<Value> {
+    cli_quiet(c, i, &["vm", "show", vm]).await
+}
+
+/// The host index a VM is placed on.
+pub async fn vm_host(c: &TestCluster, vm: &str) -> Result<usize> {
+    let v = vm_show(c, 0, vm).await?;
+    let id = v["host_id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{vm} is not placed: {v}"))?;
+    c.index_of(id)
+        .ok_or_else(|| anyhow!("no host with id {id}"))
+}
+
+/// What the guest printed on its serial console so far (the log virtlogd keeps).
+pub async fn console_log(c: &TestCluster, vm: &str) -> Result<String> {
+    let v = vm_show(c, 0, vm).await?;
+    let id = v["id"].as_str().ok_or_else(|| anyhow!("no id: {v}"))?;
+    let host = vm_host(c, vm).await?;
+    let path = c
+        .data_dir(host)
+        .join("images/vms")
+        .join(id)
+        .join("console.log");
+    Ok(std::fs::read(&path)
+        .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+        .unwrap_or_default())
+}
+
+/// Waits until the VM's console log contains `marker`.
+pub async fn wait_console(
+    c: &TestCluster,
+    vm: &str,
+    marker: &str,
+    timeout: Duration,
+) -> Result<()> {
+    wait_until(
+        format!("{vm} prints {marker:?} on its console"),
+        timeout,
+        millis(500),
+        || async { Ok(console_log(c, vm).await?.contains(marker).then_some(())) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Every domain on every host: (host index, name, state).
+pub fn domains(c: &TestCluster) -> Result<Vec<(usize, String, String)>> {
+    let mut all = Vec::new();
+    for i in 0..c.len() {
+        let Some(lv) = c.libvirt(i) else { continue };
+        let out = lv.virsh(&["list", "--all"])?;
+        for line in out.lines().skip(2) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() >= 3 {
+                all.push((i, cols[1].to_string(), cols[2..].join(" ")));
+            }
+        }
+    }
+    Ok(all)
+}
+
+async fn vm_count(c: &TestCluster) -> Result<usize> {
+    Ok(cli_quiet(c, 0, &["vm", "list"])
+        .await?
+        .as_array()
+        .map_or(0, |a| a.len()))
+}
+
+#[tokio::test]
+async fn a_vm_lives_its_whole_life_through_the_cli() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+
+    // Create on a follower; the CLI waits for the operation.
+    let leader = c.leader().await?;
+    let follower = (0..3).find(|i| *i != leader).unwrap_or(1);
+    let op = cli_quiet(
+        &c,
+        follower,
+        &[
+            "vm",
+            "create",
+            "web",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+        ],
+    )
+    .await?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let v = vm_show(&c, 0, "web").await?;
+    assert_eq!(v["status"], "running", "{v}");
+    wait_console(&c, "web", "KEEL-TINY-SEED hostname=web", secs(90)).await?;
+    wait_console(&c, "web", "KEEL-TINY-READY", secs(60)).await?;
+    let keel_domains: Vec<_> = domains(&c)?
+        .into_iter()
+        .filter(|(_, n, _)| n == "keel-web")
+        .collect();
+    assert_eq!(keel_domains.len(), 1, "{keel_domains:?}");
+    assert_eq!(keel_domains[0].2, "running");
+
+    // Stop (the guest powers off on ACPI), resize while stopped, start, reboot.
+    cli_quiet(&c, 0, &["vm", "stop", "web"]).await?;
+    assert_eq!(vm_show(&c, 0, "web").await?["status"], "stopped");
+    assert!(console_log(&c, "web").await?.contains("KEEL-TINY-POWEROFF"));
+    cli_quiet(
+        &c,
+        0,
+        &["vm", "resize", "web", "--vcpus", "2", "--memory", "192M"],
+    )
+    .await?;
+    cli_quiet(&c, 0, &["vm", "start", "web"]).await?;
+    let v = vm_show(&c, 0, "web").await?;
+    assert_eq!(
+        (v["vcpus"].as_u64(), v["memory_mib"].as_u64()),
+        (Some(2), Some(192)),
+        "{v}"
+    );
+    let host = vm_host(&c, "web").await?;
+    let lv = c.libvirt(host).ok_or_else(|| anyhow!("no libvirtd"))?;
+    let info = lv.virsh(&["dominfo", "keel-web"])?;
+    assert!(info.contains("CPU(s):         2"), "{info}");
+    assert!(info.contains("196608 KiB"), "{info}");
+    wait_console(&c, "web", "KEEL-TINY-READY", secs(60)).await?;
+    let boots_before = console_log(&c, "web")
+        .await?
+        .matches("KEEL-TINY-BOOT")
+        .count();
+    cli_quiet(&c, 0, &["vm", "reboot", "web"]).await?;
+    wait_until("the guest boots again", secs(90), millis(500), || async {
+        let boots = console_log(&c, "web")
+            .await?
+            .matches("KEEL-TINY-BOOT")
+            .count();
+        Ok((boots > boots_before).then_some(()))
+    })
+    .await?;
+
+    // Delete: the domain and its files are gone.
+    let id = vm_show(&c, 0, "web").await?["id"]
+        .as_str()
+        .map(String::from)
+        .ok_or_else(|| anyhow!("no id"))?;
+    cli_quiet(&c, 0, &["vm", "delete", "web"]).await?;
+    assert_eq!(vm_count(&c).await?, 0);
+    assert!(domains(&c)?.iter().all(|(_, n, _)| n != "keel-web"));
+    assert!(!c.data_dir(host).join("images/vms").join(&id).exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_specs_are_refused_and_placement_honours_capacity_and_anti_affinity() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+
+    // Bad specs: one clear line each, nothing created anywhere.
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "dup",
+            "--template",
+            "tiny",
+            "--memory",
+            "64M",
+            "--no-start",
+        ],
+    )
+    .await?;
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["vm", "create", "zero", "--template", "tiny", "--vcpus", "0"],
+            "vcpus",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "huge",
+                "--template",
+                "tiny",
+                "--memory",
+                "4096G",
+            ],
+            "more than any host",
+        ),
+        (
+            &["vm", "create", "nope", "--template", "no-such-template"],
+            "does not exist",
+        ),
+        (
+            &["vm", "create", "a'/><x", "--template", "tiny"],
+            "may only contain",
+        ),
+        (
+            &["vm", "create", "dup", "--template", "tiny"],
+            "already exists",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = c.cli_raw(0, args).await?;
+        assert!(!out.success(), "{args:?} succeeded");
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    }
+    assert_eq!(vm_count(&c).await?, 1);
+    cli_quiet(&c, 0, &["vm", "delete", "dup"]).await?;
+    assert!(domains(&c)?.iter().all(|(_, n, _)| !n.starts_with("keel-")));
+
+    // Anti-affinity: three members land on three hosts; a fourth waits with a reason.
+    cli_quiet(
+        &c,
+        0,
+        &["vm", "group", "create", "web", "--policy", "anti-affinity"],
+    )
+    .await?;
+    for i in 0..3 {
+        let name = format!("w{i}");
+        cli_quiet(
+            &c,
+            0,
+            &[
+                "vm",
+                "create",
+                &name,
+                "--template",
+                "tiny",
+                "--memory",
+                "64M",
+                "--affinity-group",
+                "web",
+                "--no-start",
+            ],
+        )
+        .await?;
+    }
+    let mut hosts = Vec::new();
+    for i in 0..3 {
+        hosts.push(vm_host(&c, &format!("w{i}")).await?);
+    }
+    hosts.sort_unstable();
+    hosts.dedup();
+    assert_eq!(hosts.len(), 3, "{hosts:?}");
+    let accepted = cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "w3",
+            "--template",
+            "tiny",
+            "--memory",
+            "64M",
+            "--affinity-group",
+            "web",
+            "--no-start",
+            "--no-wait",
+        ],
+    )
+    .await?;
+    let op_id = accepted["operation"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let reason = wait_until(
+        "w3 shows why it is pending",
+        secs(20),
+        millis(200),
+        || async {
+            let v = vm_show(&c, 0, "w3").await?;
+            Ok(v["pending_reason"].as_str().map(String::from))
+        },
+    )
+    .await?;
+    assert!(reason.contains("anti-affinity group web"), "{reason}");
+    assert_eq!(vm_show(&c, 0, "w3").await?["status"], "pending");
+    let op = cli_quiet(&c, 0, &["op", "show", &op_id]).await?;
+    assert_eq!(op["state"], "running");
+    assert!(
+        op["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("waiting for placement"),
+        "{op}"
+    );
+    cli_quiet(&c, 0, &["vm", "delete", "w3"]).await?;
+
+    // Capacity: with no CPU overcommit each host holds as many vCPUs as it has CPUs.
+    let cpus = cli_quiet(&c, 0, &["node", "list"]).await?[0]["inventory"]["cpus"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no cpu count"))?;
+    c.api(0)?.put_setting("compute.cpu-overcommit", "1").await?;
+    let per_host = cpus.to_string();
+    // w0..w2 hold one vCPU per host; a VM of all CPUs fits nowhere now.
+    let out = c
+        .cli_raw(
+            0,
+            &[
+                "vm",
+                "create",
+                "big",
+                "--template",
+                "tiny",
+                "--memory",
+                "64M",
+                "--vcpus",
+                &per_host,
+                "--no-start",
+                "--no-wait",
+            ],
+        )
+        .await?;
+    assert!(out.success(), "{}", out.stderr);
+    let reason = wait_until(
+        "big shows why it is pending",
+        secs(20),
+        millis(200),
+        || async {
+            let v = vm_show(&c, 0, "big").await?;
+            Ok(v["pending_reason"].as_str().map(String::from))
+        },
+    )
+    .await?;
+    assert!(reason.contains("vCPUs"), "{reason}");
+    // Freeing one host lets it in.
+    cli_quiet(&c, 0, &["vm", "delete", "w0"]).await?;
+    wait_until("big is placed", secs(30), millis(200), || async {
+        Ok(vm_show(&c, 0, "big").await?["host_id"].as_u64())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_killed_during_create_converges_to_exactly_one_vm() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+    // Create without waiting, then kill -9 the service of whichever host it lands on as
+    // soon as it is placed (typically while it is defining or starting the domain).
+    let accepted = cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "phoenix",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+            "--no-wait",
+        ],
+    )
+    .await?;
+    let op_id = accepted["operation"]["id"]
+        .as_str()
+        .context("operation id")?
+        .to_string();
+    let host = wait_until("phoenix is placed", secs(20), millis(20), || async {
+        Ok(vm_show(&c, 0, "phoenix").await?["host_id"].as_u64())
+    })
+    .await?;
+    let host = c.index_of(host).context("host index")?;
+    c.kill_service(host).await?;
+    c.start_host(host).await?;
+    let ask = if host == 0 { 1 } else { 0 };
+    wait_until(
+        "the create operation succeeds",
+        secs(120),
+        millis(300),
+        || async {
+            let op = cli_quiet(&c, ask, &["op", "show", &op_id]).await?;
+            match op["state"].as_str() {
+                Some("succeeded") => Ok(Some(())),
+                Some("running") => Ok(None),
+                _ => Err(keel_tests::wait::abort(format!(
+                    "operation ended badly: {op}"
+                ))),
+            }
+        },
+    )
+    .await?;
+    let copies: Vec<_> = domains(&c)?
+        .into_iter()
+        .filter(|(_, n, _)| n == "keel-phoenix")
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].0, host);
+    assert_eq!(copies[0].2, "running");
+    wait_console(&c, "phoenix", "KEEL-TINY-READY", secs(90)).await?;
+    Ok(())
+}
