@@ -133,6 +133,14 @@ pub enum NodeCmd {
     List,
     /// Remove a node (by id or name) from the cluster.
     Remove { node: String },
+    /// Take a node out of placement and move its VMs to other nodes (live if running).
+    Drain {
+        node: String,
+        #[command(flatten)]
+        wait: compute::WaitArgs,
+    },
+    /// Let a drained node take VMs again.
+    Undrain { node: String },
 }
 
 impl ServeArgs {
@@ -284,7 +292,20 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
                 )
             })
         }
+        Cmd::Vm(compute::VmCmd::Console { vm }) => {
+            crate::console_client::attach(&socket, &vm).await
+        }
         Cmd::Vm(cmd) => compute::run_vm(&client, output, cmd).await,
+        Cmd::Node(NodeCmd::Drain { node, wait }) => {
+            compute::run_drain(&client, output, &node, true, &wait).await
+        }
+        Cmd::Node(NodeCmd::Undrain { node }) => {
+            let wait = compute::WaitArgs {
+                no_wait: true,
+                timeout: std::time::Duration::ZERO,
+            };
+            compute::run_drain(&client, output, &node, false, &wait).await
+        }
         Cmd::Op(cmd) => compute::run_op(&client, output, cmd).await,
         Cmd::Template(cmd) => compute::run_template(&client, output, cmd).await,
         Cmd::Debug(DebugCmd::BenchRaft { count, concurrency }) => {

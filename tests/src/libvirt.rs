@@ -41,8 +41,9 @@
 //!   lookup (45-50 s for one domain start instead of ~1 s).
 //! * Start time is dominated by the QEMU capability probe: 8-12 s cold, ~0.3 s with a
 //!   filled `/var/cache/libvirt/qemu/capabilities`. Every host starts with a copy of a
-//!   shared warm cache (`<marker dir>/libvirt-caps`, i.e. `/run/keel-tests/libvirt-caps`);
-//!   a host that had to probe refreshes it. libvirt validates the cache against the qemu
+//!   shared warm cache (`<marker dir>/libvirt-caps`, i.e. `/run/keel-tests/libvirt-caps`,
+//!   or the machine's own libvirtd cache while that is empty); a host that had to probe
+//!   refreshes it. libvirt validates the cache against the qemu
 //!   binary and kernel itself, so a stale copy only costs one cold start.
 //! * qemu processes are daemonized by libvirtd (their own session), so killing the
 //!   daemons leaves the guests running — as on a real host whose libvirtd restarts.
@@ -526,9 +527,13 @@ fn write_config(root: &Path, host_uuid: &str, ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Copies the shared warm capability cache into `<root>/cache`; says whether there was one.
+/// Copies the shared warm capability cache (else the machine's own libvirtd cache, if it
+/// has one) into `<root>/cache`; says whether there was one.
 fn seed_cache(root: &Path) -> Result<bool> {
-    let files = cache_files(&shared_cache_dir());
+    let mut files = cache_files(&shared_cache_dir());
+    if files.is_empty() {
+        files = cache_files(Path::new("/var/cache/libvirt/qemu/capabilities"));
+    }
     if files.is_empty() {
         return Ok(false);
     }

@@ -78,6 +78,9 @@ fn api_routes() -> Router<AppState> {
         .route("/api/v1/vms/{vm}/reboot", post(vms::reboot_vm))
         .route("/api/v1/vms/{vm}/resize", post(vms::resize_vm))
         .route("/api/v1/vms/{vm}/console", get(console::vm_console))
+        .route("/api/v1/vms/{vm}/migrate", post(vms::migrate_vm))
+        .route("/api/v1/hosts/{host}/drain", post(vms::drain_host))
+        .route("/api/v1/hosts/{host}/undrain", post(vms::undrain_host))
         .route("/api/v1/operations", get(vms::list_operations))
         .route("/api/v1/operations/{id}", get(vms::get_operation))
         .route(

@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::types::*;
-use super::{handlers, templates, vms};
+use super::{console, handlers, templates, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,6 +34,10 @@ use super::{handlers, templates, vms};
         vms::reboot_vm,
         vms::resize_vm,
         vms::delete_vm,
+        vms::migrate_vm,
+        console::vm_console,
+        vms::drain_host,
+        vms::undrain_host,
         vms::list_operations,
         vms::get_operation,
         templates::upload_template,
@@ -51,7 +55,7 @@ use super::{handlers, templates, vms};
         SettingView, PutSettingRequest, VmBoot, VmNicRequest, VmCreateRequest, VmRebootRequest,
         VmResizeRequest, OperationView, OperationAccepted, VmNicView, VmObservedView, VmView,
         VmDetailView, TemplateFormat, TemplateImportRequest, TemplateView, GroupPolicy,
-        AffinityGroupCreateRequest, AffinityGroupView
+        AffinityGroupCreateRequest, AffinityGroupView, VmMigrateRequest, HypervisorView, HostMaintenanceView
     )),
     modifiers(&BearerAuth)
 )]

@@ -344,6 +344,22 @@ pub struct VmRebootRequest {
     pub force: bool,
 }
 
+/// A host's maintenance state after `drain` or `undrain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostMaintenanceView {
+    pub host_id: u64,
+    pub maintenance: bool,
+}
+
+/// `POST /api/v1/vms/{vm}/migrate`: live if the VM runs, cold if it is stopped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigrateRequest {
+    /// Host name or id; omitted: the placement rules choose.
+    #[serde(default)]
+    pub target: Option<String>,
+}
+
 /// `POST /api/v1/vms/{vm}/resize`; the VM must be stopped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

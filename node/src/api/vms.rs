@@ -102,6 +102,8 @@ pub(crate) enum VmAction {
     Reboot(VmRebootRequest),
     Resize(VmResizeRequest),
     Delete,
+    /// To this host id, or where placement says.
+    Migrate(Option<u64>),
 }
 
 impl VmAction {
@@ -112,6 +114,7 @@ impl VmAction {
             VmAction::Reboot(_) => OpKind::VmReboot,
             VmAction::Resize(_) => OpKind::VmResize,
             VmAction::Delete => OpKind::VmDelete,
+            VmAction::Migrate(_) => OpKind::VmMigrate,
         }
     }
 
@@ -124,6 +127,12 @@ impl VmAction {
                 } else {
                     PowerIntent::Stopped
                 },
+                op_id,
+                now_ms,
+            },
+            VmAction::Migrate(target) => ComputeCommand::MigrateVm {
+                vm,
+                target,
                 op_id,
                 now_ms,
             },
@@ -601,4 +610,95 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("user_data_bytes: 17"), "{text}");
     }
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/migrate", tag = "vms",
+    params(("vm" = String, Path, description = "VM name or id")),
+    request_body(content = Option<VmMigrateRequest>, description = "optional"),
+    responses((status = 202, body = OperationAccepted,
+            headers(("Location" = String, description = "/api/v1/operations/{id}"))),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the VM is busy, or no host can take it")),
+    security(("bearer" = [])))]
+pub async fn migrate_vm(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(vm): Path<String>,
+    body: Option<ApiJson<VmMigrateRequest>>,
+) -> Result<Accepted, ApiError> {
+    let req = body.map(|ApiJson(b)| b).unwrap_or_default();
+    let target = match req.target {
+        None => None,
+        Some(t) => Some(resolve_host(&state, &t)?),
+    };
+    vm_action(&state, &who, vm, VmAction::Migrate(target)).await
+}
+
+/// A host by numeric id or by name.
+pub(crate) fn resolve_host(state: &AppState, host: &str) -> Result<u64, ApiError> {
+    let hosts = read(
+        state,
+        keel_cluster::model::list::<keel_cluster::model::Host>,
+    )?;
+    hosts
+        .iter()
+        .find(|h| h.name == host || h.id.to_string() == host)
+        .map(|h| h.id)
+        .ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "host_unknown",
+                format!("no host named {host:?}: `keel node list` shows the hosts"),
+            )
+        })
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/drain", tag = "hosts",
+    params(("host" = String, Path, description = "host name or id")),
+    responses((status = 200, body = HostMaintenanceView, description = "the host takes no new VMs; its VMs are being moved"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn drain_host(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(host): Path<String>,
+) -> Result<Json<HostMaintenanceView>, ApiError> {
+    set_maintenance(&state, &who, &host, true).await
+}
+
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/undrain", tag = "hosts",
+    params(("host" = String, Path, description = "host name or id")),
+    responses((status = 200, body = HostMaintenanceView, description = "the host takes VMs again"),
+        (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn undrain_host(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(host): Path<String>,
+) -> Result<Json<HostMaintenanceView>, ApiError> {
+    set_maintenance(&state, &who, &host, false).await
+}
+
+async fn set_maintenance(
+    state: &AppState,
+    who: &Principal,
+    host: &str,
+    maintenance: bool,
+) -> Result<Json<HostMaintenanceView>, ApiError> {
+    let host_id = resolve_host(state, host)?;
+    tracing::info!(host_id, maintenance, principal = ?who, "host maintenance");
+    state
+        .db
+        .write(Command::Compute {
+            command: ComputeCommand::SetHostMaintenance {
+                host_id,
+                maintenance,
+                now_ms: now_ms(),
+            },
+        })
+        .await?;
+    Ok(Json(HostMaintenanceView {
+        host_id,
+        maintenance,
+    }))
 }

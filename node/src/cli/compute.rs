@@ -82,6 +82,18 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Move a VM to another host: live (the guest keeps running) if it runs, cold if
+    /// it is stopped.
+    Migrate {
+        vm: String,
+        /// Target host (name or id); default: where the placement rules say.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Attach this terminal to the VM's serial console (Ctrl-] detaches).
+    Console { vm: String },
     /// Affinity groups: keep VMs together on one host, or apart on different hosts.
     #[command(subcommand)]
     Group(GroupCmd),
@@ -517,8 +529,68 @@ pub async fn run_vm(client: &LocalClient, output: Output, cmd: VmCmd) -> anyhow:
             let a = client.delete_json(&vm_path(&vm)).await?;
             finish(client, output, a, &wait).await
         }
+        VmCmd::Migrate { vm, to, wait } => {
+            let a = client
+                .post(
+                    &format!("{}/migrate", vm_path(&vm)),
+                    &VmMigrateRequest { target: to },
+                )
+                .await?;
+            finish(client, output, a, &wait).await
+        }
+        VmCmd::Console { .. } => bail!("the console is attached by the caller"),
         VmCmd::Group(cmd) => run_group(client, output, cmd).await,
     }
+}
+
+/// `keel node drain|undrain`: takes a host out of placement (moving its VMs away) or puts
+/// it back; `drain` waits until no VM is left on the host unless told not to.
+pub async fn run_drain(
+    client: &LocalClient,
+    output: Output,
+    node: &str,
+    drain: bool,
+    wait: &WaitArgs,
+) -> anyhow::Result<()> {
+    let verb = if drain { "drain" } else { "undrain" };
+    let view: HostMaintenanceView = client
+        .post_empty(&format!("/api/v1/hosts/{}/{verb}", escape(node)))
+        .await?;
+    if drain && !wait.no_wait {
+        let started = Instant::now();
+        let mut shown = usize::MAX;
+        loop {
+            let vms: Vec<VmView> = client.get("/api/v1/vms").await?;
+            let left: Vec<&VmView> = vms
+                .iter()
+                .filter(|v| v.host_id == Some(view.host_id))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if output == Output::Table && left.len() != shown {
+                eprintln!("{} VM(s) still on host {node}", left.len());
+                shown = left.len();
+            }
+            if started.elapsed() >= wait.timeout {
+                let names: Vec<&str> = left.iter().map(|v| v.name.as_str()).collect();
+                bail!(
+                    "host {node} still runs {} after {}: {}; the drain goes on in the background",
+                    names.len(),
+                    humantime::format_duration(wait.timeout),
+                    names.join(", ")
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+    print(output, &view, |v| {
+        if v.maintenance {
+            format!("Host {node} is drained: it takes no new VMs.\n")
+        } else {
+            format!("Host {node} takes VMs again.\n")
+        }
+    })
 }
 
 fn vm_fields(v: &VmDetailView) -> String {

@@ -1,6 +1,8 @@
 //! `keel-bench`: measures a 3-node cluster of real `keel serve` processes in network
 //! namespaces, prints a table and writes the figures as JSON.
 //!
+//! `cluster` (the default; `target/bench/cluster.json`):
+//!
 //! * write latency (p50/p99) and throughput through the HTTPS API, sequential and
 //!   concurrent, sent to a follower (so they include forwarding) and to the leader;
 //! * the same straight on raft inside the leader (`keel debug bench-raft`: no HTTP/TLS);
@@ -8,8 +10,15 @@
 //!   (median of 5 rounds);
 //! * idle RSS of every node service.
 //!
-//! Usage: `keel-bench [--out FILE] [--quick]` (root; `KEEL_BIN` names the keel binary,
-//! `./scripts/bench` builds release binaries and runs this).
+//! `compute` (`target/bench/compute.json`): VMs through the API against plain `virsh`,
+//! VMs created per minute, node service RSS with 50 VMs; see `bench/compute.rs`.
+//!
+//! Usage: `keel-bench [cluster|compute|all] [--out FILE] [--quick]` (root; `KEEL_BIN`
+//! names the keel binary, `./scripts/bench` builds release binaries and runs this;
+//! `--out` only with a single benchmark).
+
+#[path = "../bench/compute.rs"]
+mod compute;
 
 use std::time::{Duration, Instant};
 
@@ -195,15 +204,51 @@ async fn failover_once(cluster: &TestCluster) -> Result<f64> {
     Ok(failover.as_secs_f64() * 1000.0)
 }
 
+/// Writes `report` as pretty JSON to `path`, creating its directory.
+fn write_report(path: &str, report: &Value) -> Result<()> {
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("write {path}"))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out_path = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| "target/bench/cluster.json".into());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut quick = false;
+    let mut out: Option<String> = None;
+    let mut which: Option<String> = None;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => out = Some(it.next().context("--out needs a file")?),
+            "cluster" | "compute" | "all" if which.is_none() => which = Some(a),
+            _ => anyhow::bail!(
+                "unknown argument {a:?}; usage: keel-bench [cluster|compute|all] [--out FILE] [--quick]"
+            ),
+        }
+    }
+    let which = which.unwrap_or_else(|| "cluster".into());
+    if which == "all" && out.is_some() {
+        anyhow::bail!("--out names the file of one benchmark: use it with cluster or compute");
+    }
+    if which == "cluster" || which == "all" {
+        let path = out
+            .clone()
+            .unwrap_or_else(|| "target/bench/cluster.json".into());
+        cluster_bench(quick, &path).await?;
+    }
+    if which == "compute" || which == "all" {
+        let path = out.unwrap_or_else(|| "target/bench/compute.json".into());
+        compute::run(quick, &path).await?;
+    }
+    Ok(())
+}
+
+/// The cluster benchmark (see the header).
+async fn cluster_bench(quick: bool, out_path: &str) -> Result<()> {
     let (seq_n, conc_n, conc, rounds) = if quick {
         (50, 200, 16, 2)
     } else {
@@ -298,10 +343,7 @@ async fn main() -> Result<()> {
         "failover_ms": {"median": failover_median, "rounds": failovers},
         "rss_idle_mib": rss_mib,
     });
-    if let Some(dir) = std::path::Path::new(&out_path).parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(&out_path, serde_json::to_string_pretty(&report)?)?;
+    write_report(out_path, &report)?;
     println!("\nwrote {out_path}");
     Ok(())
 }

@@ -465,3 +465,239 @@ async fn a_node_killed_during_create_converges_to_exactly_one_vm() -> Result<()>
     wait_console(&c, "phoenix", "KEEL-TINY-READY", secs(90)).await?;
     Ok(())
 }
+
+/// `keel vm console VM` with a pipe on stdin, as a user would script it.
+struct Console {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Console {
+    async fn attach(c: &TestCluster, i: usize, vm: &str) -> Result<Self> {
+        use tokio::io::AsyncReadExt;
+        let mut child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &c.net().ns(i)])
+            .arg(c.keel_bin())
+            .arg("--socket")
+            .arg(c.socket(i))
+            .args(["vm", "console", vm])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn keel vm console")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&text);
+            }
+        });
+        Ok(Self { child, stdin, seen })
+    }
+
+    /// Types `command` and waits for `expect` in the output after it.
+    async fn ask(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let start = self.seen.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await?;
+        self.stdin.flush().await?;
+        let seen = self.seen.clone();
+        wait_until(
+            format!("the guest answers {expect:?}"),
+            timeout,
+            millis(100),
+            || {
+                let seen = seen.clone();
+                async move {
+                    let all = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    Ok(all
+                        .get(start..)
+                        .unwrap_or("")
+                        .contains(expect)
+                        .then_some(()))
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+/// The guest's uptime in seconds, read through its console.
+async fn guest_uptime(console: &mut Console, tag: &str) -> Result<f64> {
+    console
+        .ask(
+            &format!("echo {tag}=$(cut -d' ' -f1 /proc/uptime)"),
+            &format!("{tag}="),
+            secs(20),
+        )
+        .await?;
+    // Wait for the number after the marker to be complete (the newline after it).
+    let text = wait_until("the uptime line", secs(10), millis(100), || async {
+        let all = console
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let line = all
+            .lines()
+            .filter(|l| l.starts_with(&format!("{tag}=")))
+            .last()
+            .map(String::from);
+        Ok(line.filter(|l| l.len() > tag.len() + 1))
+    })
+    .await?;
+    text[tag.len() + 1..]
+        .trim()
+        .parse()
+        .with_context(|| format!("uptime in {text:?}"))
+}
+
+#[tokio::test]
+async fn live_migration_keeps_the_guest_and_drain_empties_a_host() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "mover",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+        ],
+    )
+    .await?;
+    wait_console(&c, "mover", "KEEL-TINY-READY", secs(90)).await?;
+
+    // The serial console answers through any node's CLI.
+    let mut console = Console::attach(&c, 0, "mover").await?;
+    console
+        .ask("echo ping-$((40+2))", "ping-42", secs(20))
+        .await?;
+    let before = guest_uptime(&mut console, "up1").await?;
+
+    // Live migration to a named host; the guest keeps its memory (no new boot, uptime
+    // goes on) and answers on its console on the new host.
+    let source = vm_host(&c, "mover").await?;
+    let target = (0..3).find(|i| *i != source).unwrap_or(0);
+    let op = cli_quiet(&c, 0, &["vm", "migrate", "mover", "--to", c.name(target)]).await?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(vm_host(&c, "mover").await?, target);
+    let copies: Vec<_> = domains(&c)?
+        .into_iter()
+        .filter(|(_, n, _)| n == "keel-mover")
+        .collect();
+    assert_eq!(
+        copies.len(),
+        1,
+        "exactly one domain after the move: {copies:?}"
+    );
+    assert_eq!((copies[0].0, copies[0].2.as_str()), (target, "running"));
+    if !console.running().await {
+        console = Console::attach(&c, 0, "mover").await?;
+    }
+    let mut console = match console.ask("echo pong-$((6*7))", "pong-42", secs(10)).await {
+        Ok(()) => console,
+        // The old console stream ended with the source domain: attach again.
+        Err(_) => {
+            let mut fresh = Console::attach(&c, 0, "mover").await?;
+            fresh.ask("echo pong-$((6*7))", "pong-42", secs(20)).await?;
+            fresh
+        }
+    };
+    let after = guest_uptime(&mut console, "up2").await?;
+    assert!(
+        after > before,
+        "uptime went from {before} to {after}: the guest restarted"
+    );
+    assert!(
+        !console_log(&c, "mover").await?.contains("KEEL-TINY-BOOT"),
+        "the guest booted again on the target"
+    );
+    drop(console);
+
+    // A stopped VM moves cold; it then starts on its new host.
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "sleeper",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+            "--no-start",
+        ],
+    )
+    .await?;
+    let from = vm_host(&c, "sleeper").await?;
+    let op = cli_quiet(&c, 0, &["vm", "migrate", "sleeper"]).await?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let to = vm_host(&c, "sleeper").await?;
+    assert_ne!(from, to);
+    cli_quiet(&c, 0, &["vm", "start", "sleeper"]).await?;
+    wait_console(&c, "sleeper", "KEEL-TINY-READY", secs(90)).await?;
+
+    // Drain the host that runs `mover`: everything moves off, nothing lands there.
+    let drained = vm_host(&c, "mover").await?;
+    let out = cli_quiet(
+        &c,
+        0,
+        &["node", "drain", c.name(drained), "--timeout", "3m"],
+    )
+    .await?;
+    assert_eq!(out["maintenance"], true, "{out}");
+    for vm in ["mover", "sleeper"] {
+        assert_ne!(
+            vm_host(&c, vm).await?,
+            drained,
+            "{vm} is still on the drained host"
+        );
+    }
+    assert!(domains(&c)?
+        .iter()
+        .all(|(i, n, _)| *i != drained || !n.starts_with("keel-")));
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "newcomer",
+            "--template",
+            "tiny",
+            "--memory",
+            "64M",
+            "--no-start",
+        ],
+    )
+    .await?;
+    assert_ne!(vm_host(&c, "newcomer").await?, drained);
+    let out = cli_quiet(&c, 0, &["node", "undrain", c.name(drained)]).await?;
+    assert_eq!(out["maintenance"], false, "{out}");
+    Ok(())
+}
