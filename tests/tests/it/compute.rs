@@ -559,8 +559,8 @@ async fn guest_uptime(console: &mut Console, tag: &str) -> Result<f64> {
             .clone();
         let line = all
             .lines()
-            .filter(|l| l.starts_with(&format!("{tag}=")))
-            .last()
+            .rev()
+            .find(|l| l.starts_with(&format!("{tag}=")))
             .map(String::from);
         Ok(line.filter(|l| l.len() > tag.len() + 1))
     })
