@@ -142,6 +142,22 @@ async fn prepare(
             }
         }
     }
+    if live {
+        // Leftovers of an earlier attempt that died half-way (no domain here): start the
+        // copy from fresh disks.
+        let uuid = Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?;
+        let hv = host.hv.clone();
+        let defined = tokio::task::spawn_blocking(move || hv.lookup(uuid))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| error_chain(&e))?
+            .is_some();
+        if !defined {
+            host.volumes
+                .delete_vm(&vm.id)
+                .map_err(|e| error_chain(&e))?;
+        }
+    }
     let facts = HostFacts {
         node_id: me,
         domain_type: host.domain_type,

@@ -701,3 +701,100 @@ async fn live_migration_keeps_the_guest_and_drain_empties_a_host() -> Result<()>
     assert_eq!(out["maintenance"], false, "{out}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_killed_during_migration_converges_to_exactly_one_vm() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "nomad",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+        ],
+    )
+    .await?;
+    wait_console(&c, "nomad", "KEEL-TINY-READY", secs(90)).await?;
+    let source = vm_host(&c, "nomad").await?;
+    let target = (0..3).find(|i| *i != source).unwrap_or(0);
+    let ask = (0..3).find(|i| *i != source).unwrap_or(0);
+    let accepted = cli_quiet(
+        &c,
+        ask,
+        &[
+            "vm",
+            "migrate",
+            "nomad",
+            "--to",
+            c.name(target),
+            "--no-wait",
+        ],
+    )
+    .await?;
+    let op_id = accepted["operation"]["id"]
+        .as_str()
+        .context("operation id")?
+        .to_string();
+    // Kill the source's service once the target has the incoming domain: mid-migration.
+    wait_until(
+        "the incoming domain on the target",
+        secs(60),
+        millis(20),
+        || async {
+            let there = domains(&c)?
+                .iter()
+                .any(|(i, n, _)| *i == target && n == "keel-nomad");
+            Ok(there.then_some(()))
+        },
+    )
+    .await?;
+    c.kill_service(source).await?;
+    c.start_host(source).await?;
+
+    let op = wait_until(
+        "the migration operation ends",
+        secs(180),
+        millis(300),
+        || async {
+            let op = cli_quiet(&c, ask, &["op", "show", &op_id]).await?;
+            Ok((op["state"] != "running").then_some(op))
+        },
+    )
+    .await?;
+    assert!(
+        op["state"] == "succeeded" || op["state"] == "failed",
+        "{op}"
+    );
+    // Whatever the outcome: one domain, running, on the host the cluster says.
+    wait_until(
+        "exactly one running copy where the cluster places it",
+        secs(120),
+        millis(500),
+        || async {
+            let copies: Vec<_> = domains(&c)?
+                .into_iter()
+                .filter(|(_, n, _)| n == "keel-nomad")
+                .collect();
+            let placed = vm_host(&c, "nomad").await?;
+            let v = vm_show(&c, 0, "nomad").await?;
+            let ok = copies.len() == 1
+                && copies[0].0 == placed
+                && copies[0].2 == "running"
+                && v["status"] == "running";
+            Ok(ok.then_some(()))
+        },
+    )
+    .await?;
+    let placed = vm_host(&c, "nomad").await?;
+    let mut console = Console::attach(&c, placed, "nomad").await?;
+    console
+        .ask("echo alive-$((6*7))", "alive-42", secs(30))
+        .await?;
+    Ok(())
+}
