@@ -451,7 +451,7 @@ async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Late
         if source.is_none() {
             let dir = vm_dir(c, host, &id);
             let xml = lv.virsh(&["dumpxml", "--inactive", &format!("keel-{name}")])?;
-            let info = qemu_img(&["info", "--output=json"], &dir.join("root.qcow2"))?;
+            let info = qemu_img(&["info", "-U", "--output=json"], &dir.join("root.qcow2"))?;
             let info: Value = serde_json::from_str(&info).context("qemu-img info output")?;
             let backing = info["full-backing-filename"]
                 .as_str()

@@ -798,3 +798,127 @@ async fn a_node_killed_during_migration_converges_to_exactly_one_vm() -> Result<
         .await?;
     Ok(())
 }
+
+/// A console WebSocket over HTTPS, as a browser (noVNC, xterm.js) would open it.
+async fn console_ws(
+    c: &TestCluster,
+    i: usize,
+    vm: &str,
+    kind: &str,
+    token: Option<&str>,
+) -> Result<
+    std::result::Result<
+        tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+        u16,
+    >,
+> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let init = c.init_output().context("cluster not initialised")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(init.ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let addr = c.api_addr(i);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await?;
+    let mut request =
+        format!("wss://{addr}/api/v1/vms/{vm}/console?kind={kind}").into_client_request()?;
+    if let Some(t) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, _)) => Ok(Ok(ws)),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Ok(Err(resp.status().as_u16())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test]
+async fn consoles_stream_over_authenticated_websockets_from_any_node() -> Result<()> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    keel_tests::skip_unless_root!(Ok(()));
+    let c = compute_cluster(3).await?;
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "screen",
+            "--template",
+            "tiny",
+            "--memory",
+            "128M",
+        ],
+    )
+    .await?;
+    wait_console(&c, "screen", "KEEL-TINY-READY", secs(90)).await?;
+    let host = vm_host(&c, "screen").await?;
+    let other = (0..3).find(|i| *i != host).unwrap_or(0);
+    let token = c.init_output().context("init")?.admin_token;
+
+    // No token, a wrong token: refused before any upgrade.
+    assert_eq!(
+        console_ws(&c, other, "screen", "serial", None).await?.err(),
+        Some(401)
+    );
+    assert_eq!(
+        console_ws(&c, other, "screen", "serial", Some("keel-admin-wrong"))
+            .await?
+            .err(),
+        Some(401)
+    );
+    assert_eq!(
+        console_ws(&c, other, "no-such-vm", "serial", Some(&token))
+            .await?
+            .err(),
+        Some(404)
+    );
+
+    // Serial console through a node that does not run the VM (relayed over the peer port).
+    let mut ws = console_ws(&c, other, "screen", "serial", Some(&token))
+        .await?
+        .map_err(|s| anyhow!("serial console refused: {s}"))?;
+    ws.send(Message::Binary(b"echo ws-$((6*7))\n".to_vec().into()))
+        .await?;
+    let mut seen = String::new();
+    tokio::time::timeout(secs(30), async {
+        while let Some(msg) = ws.next().await {
+            if let Message::Binary(b) = msg? {
+                seen.push_str(&String::from_utf8_lossy(&b));
+                if seen.contains("ws-42") {
+                    return Ok::<(), anyhow::Error>(());
+                }
+            }
+        }
+        bail!("the console closed")
+    })
+    .await
+    .map_err(|_| anyhow!("no answer on the serial console; saw {seen:?}"))??;
+    drop(ws);
+
+    // VNC: the RFB greeting arrives as a binary frame, as noVNC expects.
+    let mut ws = console_ws(&c, other, "screen", "vnc", Some(&token))
+        .await?
+        .map_err(|s| anyhow!("VNC console refused: {s}"))?;
+    let first = tokio::time::timeout(secs(20), ws.next())
+        .await
+        .map_err(|_| anyhow!("no RFB greeting"))?
+        .context("closed")??;
+    match first {
+        Message::Binary(b) => assert!(b.starts_with(b"RFB 003."), "{b:?}"),
+        other => bail!("unexpected first message {other:?}"),
+    }
+    Ok(())
+}
