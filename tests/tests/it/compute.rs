@@ -922,3 +922,68 @@ async fn consoles_stream_over_authenticated_websockets_from_any_node() -> Result
     }
     Ok(())
 }
+
+/// The Debian 12 cloud template; `scripts/test` builds it before the suite runs.
+fn debian_image() -> Result<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guest-images/keel-debian-12.qcow2");
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build it with `scripts/guest-images debian` (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[tokio::test]
+async fn a_debian_cloud_vm_gets_its_user_data_hostname_and_keys() -> Result<()> {
+    keel_tests::skip_unless_root!(Ok(()));
+    let image = debian_image()?;
+    let c = compute_cluster(1).await?;
+    // Streamed upload with the checksum the CLI computes; the node verifies both.
+    let t = cli_quiet(
+        &c,
+        0,
+        &[
+            "template",
+            "upload",
+            &image.display().to_string(),
+            "--name",
+            "debian-12",
+            "--format",
+            "qcow2",
+        ],
+    )
+    .await?;
+    assert_eq!(t["format"], "qcow2", "{t}");
+    let dir = tempfile::tempdir()?;
+    let user_data = dir.path().join("user-data.yaml");
+    std::fs::write(
+        &user_data,
+        "#cloud-config\nruncmd:\n  - echo \"KEEL-CLOUD-RUNCMD host=$(hostname) keys=$(grep -c keel-test-key /home/debian/.ssh/authorized_keys)\" > /dev/ttyS0\n",
+    )?;
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeelKeelKeelKeelKeelKeelKeelKeelKeelKeelKeel keel-test-key";
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "deb",
+            "--template",
+            "debian-12",
+            "--memory",
+            "512M",
+            "--user-data",
+            &user_data.display().to_string(),
+            "--ssh-key",
+            key,
+        ],
+    )
+    .await?;
+    // cloud-init ran the user data, set the hostname from the seed and installed the key.
+    wait_console(&c, "deb", "KEEL-CLOUD-RUNCMD host=deb keys=1", secs(300)).await?;
+    cli_quiet(&c, 0, &["vm", "delete", "deb"]).await?;
+    Ok(())
+}
