@@ -60,6 +60,9 @@ pub struct ComputeConfig {
     pub migration_addr: Option<std::net::IpAddr>,
     /// How often every VM is reconciled even when nothing changed.
     pub resync_interval_ms: u64,
+    /// The small Linux guest the KVM probe boots (the tiny template's kernel/initramfs).
+    pub kvm_probe_kernel: PathBuf,
+    pub kvm_probe_initrd: PathBuf,
 }
 
 impl Default for ComputeConfig {
@@ -69,6 +72,8 @@ impl Default for ComputeConfig {
             images_dir: None,
             migration_addr: None,
             resync_interval_ms: 5000,
+            kvm_probe_kernel: PathBuf::from("/usr/share/keel/probe/vmlinuz"),
+            kvm_probe_initrd: PathBuf::from("/usr/share/keel/probe/initrd.img"),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::compute::console::Consoles;
 use crate::compute::domain_xml::DomainType;
 use crate::compute::hypervisor::Hypervisor;
 use crate::compute::images::ImageStore;
+use crate::compute::kvm_probe::ProbeGuest;
 use crate::compute::libvirt::Libvirt;
 use crate::compute::migration::libvirt_socket_of;
 use crate::compute::reconciler::ComputeHost;
@@ -287,6 +288,11 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
                 .unwrap_or_else(|| config.peer_addr.ip()),
             run_dir: config.data_dir.join("run"),
             libvirt_socket: libvirt_socket_of(&config.compute.libvirt_uri),
+            probe_guest: ProbeGuest {
+                kernel: config.compute.kvm_probe_kernel.clone(),
+                initrd: config.compute.kvm_probe_initrd.clone(),
+            },
+            kvm: std::sync::Mutex::new(None),
         })
     });
     db.set_host_services(Arc::new(NodeHostServices {
@@ -459,6 +465,12 @@ async fn agent(
         let mut inventory = tokio::task::spawn_blocking(crate::inventory::probe)
             .await
             .unwrap_or_default();
+        if let Some(hv) = &hv_report {
+            if hv.kvm_usable.is_some() || !hv.kvm_detail.is_empty() {
+                inventory.kvm.usable = hv.kvm_usable;
+                inventory.kvm.detail = hv.kvm_detail.clone();
+            }
+        }
         inventory.hypervisor = hv_report.clone();
         let current = db
             .reader()

@@ -496,9 +496,13 @@ impl TestCluster {
                     || format!("qemu:///system?socket={}/no-libvirtd", hdir.display()),
                     |l| l.uri(),
                 );
+                // The KVM probe boots the tiny guest's kernel (`scripts/guest-images tiny`).
+                let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-images");
                 toml.push_str(&format!(
-                    "\n[compute]\nlibvirt_uri = {uri:?}\nresync_interval_ms = {}\n",
-                    opts.compute_resync_ms
+                    "\n[compute]\nlibvirt_uri = {uri:?}\nresync_interval_ms = {}\nkvm_probe_kernel = {:?}\nkvm_probe_initrd = {:?}\n",
+                    opts.compute_resync_ms,
+                    guests.join("keel-tiny.vmlinuz").display().to_string(),
+                    guests.join("keel-tiny.initrd").display().to_string(),
                 ));
             }
             std::fs::write(&config, toml).with_context(|| format!("write {}", config.display()))?;

@@ -202,6 +202,11 @@ pub struct HypervisorReport {
     /// Domains on the host that the cluster does not know: reported, never destroyed.
     #[serde(default)]
     pub unmanaged_domains: Vec<String>,
+    /// The KVM boot probe's verdict (`None`: not probed yet).
+    #[serde(default)]
+    pub kvm_usable: Option<bool>,
+    #[serde(default)]
+    pub kvm_detail: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -11,6 +11,7 @@ pub mod domain_xml;
 pub mod fake;
 pub mod hypervisor;
 pub mod images;
+pub mod kvm_probe;
 pub mod libvirt;
 pub mod migration;
 pub mod reconciler;

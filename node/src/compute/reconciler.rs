@@ -58,6 +58,8 @@ pub trait TemplateSource: Send + Sync + 'static {
 
 /// How often a graceful stop checks whether the guest is off.
 const STOP_POLL: Duration = Duration::from_millis(250);
+/// How long the KVM probe guest may take to print its boot marker.
+const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a graceful stop presses the ACPI power button again.
 const ACPI_REPEAT: Duration = Duration::from_secs(3);
 /// Retry delay after a failed step.
@@ -81,6 +83,10 @@ pub struct ComputeHost {
     pub run_dir: std::path::PathBuf,
     /// This host's libvirtd socket, for tunnelled control connections from other hosts.
     pub libvirt_socket: std::path::PathBuf,
+    /// The guest the KVM probe boots.
+    pub probe_guest: super::kvm_probe::ProbeGuest,
+    /// The KVM probe's verdict once it ran.
+    pub kvm: Mutex<Option<super::kvm_probe::KvmVerdict>>,
 }
 
 /// One observation of a VM, as reported through raft.
@@ -116,6 +122,7 @@ impl ComputeHost {
                 _ = watch.changed() => {}
             }
         };
+        tokio::spawn(self.clone().probe_kvm(stop.clone()));
         let mut applied = self.db.reader().applied();
         let mut actors: HashMap<String, ActorHandle> = HashMap::new();
         let mut last_probe: Option<Instant> = None;
@@ -221,6 +228,7 @@ impl ComputeHost {
                         .await;
                     }
                 }
+                None if dom.name == "keel-kvm-probe" => {}
                 None => {
                     unknown.insert(dom.name.clone());
                 }
@@ -235,6 +243,45 @@ impl ComputeHost {
         }
     }
 
+    /// Runs the KVM boot probe once libvirt answers. It runs beside the reconciler (a
+    /// guest that hangs under KVM takes the whole deadline): VMs defined before the verdict
+    /// run under TCG.
+    async fn probe_kvm(self: Arc<Self>, stop: CancellationToken) {
+        let caps = loop {
+            let hv = self.hv.clone();
+            if let Ok(Ok(caps)) = tokio::task::spawn_blocking(move || hv.capabilities()).await {
+                break caps;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.resync) => {}
+            }
+        };
+        let advertises = caps.domain_types.iter().any(|t| t == "kvm");
+        let (hv, guest, run_dir) = (
+            self.hv.clone(),
+            self.probe_guest.clone(),
+            self.run_dir.clone(),
+        );
+        let verdict = tokio::task::spawn_blocking(move || {
+            super::kvm_probe::probe(
+                hv.as_ref(),
+                advertises,
+                &guest,
+                &run_dir,
+                KVM_PROBE_DEADLINE,
+            )
+        })
+        .await;
+        if let Ok(v) = verdict {
+            tracing::info!(usable = ?v.usable, detail = %v.detail, "compute: KVM probe");
+            *self
+                .kvm
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(v);
+        }
+    }
+
     /// Asks the hypervisor what it offers; the result goes into the host's inventory.
     async fn probe(&self, node_id: NodeId) -> HostFacts {
         let hv = self.hv.clone();
@@ -246,27 +293,49 @@ impl ComputeHost {
             .as_ref()
             .map(|r| r.unmanaged_domains.clone())
             .unwrap_or_default();
-        // KVM only when a guest has been seen to boot under it (the probe comes with the
-        // KVM work); advertising `kvm` proves nothing on nested hosts.
-        let domain_type = DomainType::Qemu;
+        // KVM only when a guest has been seen to boot under it; advertising `kvm` proves
+        // nothing on nested hosts.
+        let kvm = self
+            .kvm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let kvm_usable = kvm.as_ref().and_then(|v| v.usable);
+        let kvm_detail = kvm.map_or_else(|| "probe running".to_string(), |v| v.detail);
+        let domain_type = if kvm_usable == Some(true) {
+            DomainType::Kvm
+        } else {
+            DomainType::Qemu
+        };
+        let type_name = if domain_type == DomainType::Kvm {
+            "kvm"
+        } else {
+            "qemu"
+        };
         let report = match caps {
             Ok(Ok(caps)) => HypervisorReport {
-                domain_type: "qemu".into(),
+                domain_type: type_name.into(),
                 libvirt_version: caps.libvirt_version,
                 hypervisor_version: caps.hypervisor_version,
                 error: (!caps.domain_types.iter().any(|t| t == "qemu"))
                     .then(|| "libvirt offers no qemu domain type".to_string()),
                 unmanaged_domains: previous_unmanaged,
+                kvm_usable,
+                kvm_detail,
             },
             Ok(Err(e)) => HypervisorReport {
-                domain_type: "qemu".into(),
+                domain_type: type_name.into(),
                 error: Some(error_chain(&e)),
                 unmanaged_domains: previous_unmanaged,
+                kvm_usable,
+                kvm_detail,
                 ..Default::default()
             },
             Err(e) => HypervisorReport {
-                domain_type: "qemu".into(),
+                domain_type: type_name.into(),
                 error: Some(format!("probe task failed: {e}")),
+                kvm_usable,
+                kvm_detail,
                 ..Default::default()
             },
         };
