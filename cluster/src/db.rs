@@ -125,9 +125,16 @@ pub enum ClusterError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LeaderOp {
-    Write { request: Request },
-    Join { request: JoinRequest },
-    RemoveNode { node_id: NodeId },
+    /// Boxed: a command (an inventory report, say) is far larger than the other variants.
+    Write {
+        request: Box<Request>,
+    },
+    Join {
+        request: JoinRequest,
+    },
+    RemoveNode {
+        node_id: NodeId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -711,7 +718,12 @@ impl ClusterDb {
             request_id: uuid::Uuid::new_v4().to_string(),
             command,
         };
-        match self.leader_op(LeaderOp::Write { request }).await? {
+        match self
+            .leader_op(LeaderOp::Write {
+                request: Box::new(request),
+            })
+            .await?
+        {
             LeaderReply::Written { response } => Ok(response?),
             other => Err(ClusterError::Remote {
                 detail: format!("unexpected reply {other:?}"),
@@ -847,7 +859,7 @@ impl ClusterDb {
             LeaderOp::Write { request } => {
                 let response = member
                     .raft
-                    .client_write(request)
+                    .client_write(*request)
                     .await
                     .map_err(client_write_error)?;
                 Ok(LeaderReply::Written {

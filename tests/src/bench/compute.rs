@@ -26,7 +26,11 @@ const READY: &str = "KEEL-TINY-READY";
 /// Memory of the VMs of the create → running comparison.
 const LATENCY_MEMORY_MIB: u64 = 128;
 /// Smallest memory size the 50-VM phase may use; sizes are tried upwards until one boots.
-const BOOT_PROBE_MIB: [u64; 4] = [48, 64, 96, 128];
+/// (The tiny guest's initramfs is unpacked into RAM: below about 80 MiB its kernel stays
+/// silent or panics "deadlocked on memory".)
+const BOOT_PROBE_MIB: [u64; 6] = [48, 64, 72, 80, 96, 128];
+/// How long a probe VM may take to print `KEEL-TINY-READY` (it takes 5-10 s).
+const BOOT_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The VMs/min phase uses at least this much memory per VM.
 const RATE_MIN_MEMORY_MIB: u64 = 64;
 /// Placement's CPU overcommit for the bench: 2 CPUs × 16 = 32 vCPUs per host.
@@ -411,7 +415,10 @@ struct Latency {
 ///   persistent definition to disk), while `virsh create` starts a transient domain in
 ///   one call;
 /// * reporting: the host writes "running" through raft (another commit, forwarded to the
-///   leader from a follower host), and only that marks the operation succeeded.
+///   leader when that host is a follower), and only that marks the operation succeeded.
+///
+/// The CLI runs on the leader's host; placement (spread, no VM left between rounds) then
+/// picks the same host every round, and the baseline uses that host's libvirtd.
 async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Latency> {
     let mut keel_cli = Vec::new();
     let mut keel_server = Vec::new();
@@ -551,22 +558,29 @@ async fn boot_probe(c: &TestCluster, cli_host: usize) -> Result<(u64, Vec<(u64, 
         let t0 = Instant::now();
         let r = wait_until(
             format!("{name} to print {READY}"),
-            secs(120),
+            BOOT_PROBE_TIMEOUT,
             millis(500),
             || async {
                 let log = std::fs::read(vm_dir(c, host, &id).join("console.log"))
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
                     .unwrap_or_default();
                 if log.contains(READY) {
                     return Ok(Some(()));
                 }
-                if let Some(line) = log
-                    .lines()
-                    .find(|l| l.contains("Kernel panic") || l.contains("Out of memory"))
-                {
+                if let Some(line) = log.lines().find(|l| l.contains("Kernel panic")) {
                     return Err(keel_tests::wait::abort(line.trim().to_string()));
                 }
-                Ok(None)
+                // What the guest printed last, for the report.
+                let last: String = log
+                    .lines()
+                    .rev()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty() && l.chars().all(|ch| !ch.is_control()))
+                    .unwrap_or("nothing")
+                    .chars()
+                    .take(80)
+                    .collect();
+                Err(anyhow!("no {READY}; the console's last line: {last}"))
             },
         )
         .await;
@@ -574,7 +588,8 @@ async fn boot_probe(c: &TestCluster, cli_host: usize) -> Result<(u64, Vec<(u64, 
         let ok = r.is_ok();
         let note = match r {
             Ok(()) => format!("{READY} after {:.1} s", t0.elapsed().as_secs_f64()),
-            Err(e) => e.last,
+            Err(e) if e.aborted => e.last,
+            Err(e) => format!("after {:.0} s: {}", e.elapsed.as_secs_f64(), e.last),
         };
         eprintln!("keel-bench: tiny guest with {size} MiB: {note}");
         tried.push((size, ok, note));
@@ -781,7 +796,7 @@ pub async fn run(quick: bool, out_path: &str) -> Result<()> {
     };
     eprintln!("keel-bench: forming a 3-node cluster with a libvirtd per host");
     let c = form().await?;
-    let r = phases(&c, &sizes, out_path).await;
+    let r = phases(&c, &sizes, quick, out_path).await;
     if r.is_err() {
         c.mark_failed();
     }
@@ -798,7 +813,7 @@ pub async fn run(quick: bool, out_path: &str) -> Result<()> {
     r
 }
 
-async fn phases(c: &TestCluster, sizes: &Sizes, out_path: &str) -> Result<()> {
+async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> Result<()> {
     let cli_host = c.leader().await?;
     // Idle: the cluster formed, template imported, no VM created yet.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -844,7 +859,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, out_path: &str) -> Result<()> {
         println!("{:<48} {:>8.0} {:>8.0} {:>8.0}", name, s.p50, s.min, s.max);
     };
     row(
-        "keel vm create (CLI, waits for the operation)",
+        &format!("keel vm create on {} (leader), waits", c.name(cli_host)),
         &lat.keel_cli,
     );
     row("  the operation alone (server clock)", &lat.keel_server);
@@ -954,6 +969,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, out_path: &str) -> Result<()> {
     let max_mib = |kib: &[u64]| mib(kib.iter().copied().max().unwrap_or(0));
     let report = json!({
         "bench": "compute",
+        "quick": quick,
         "nodes": c.len(),
         "node_names": names,
         "cores": cores,
