@@ -267,6 +267,7 @@ pub fn vm_view(vm: &Vm, names: &ComputeNames) -> VmView {
     let (boot, template_id) = match &vm.spec.boot {
         BootSource::Template { template } => (VmBoot::Disk, template.clone()),
         BootSource::Iso { template } => (VmBoot::Iso, template.clone()),
+        BootSource::Kernel { template, .. } => (VmBoot::Kernel, template.clone()),
     };
     VmView {
         id: vm.id.clone(),
@@ -323,6 +324,8 @@ pub fn template_format(f: ImageFormat) -> TemplateFormat {
         ImageFormat::Qcow2 => TemplateFormat::Qcow2,
         ImageFormat::Raw => TemplateFormat::Raw,
         ImageFormat::Iso => TemplateFormat::Iso,
+        ImageFormat::Kernel => TemplateFormat::Kernel,
+        ImageFormat::Initrd => TemplateFormat::Initrd,
     }
 }
 
@@ -331,6 +334,8 @@ pub fn image_format(f: TemplateFormat) -> ImageFormat {
         TemplateFormat::Qcow2 => ImageFormat::Qcow2,
         TemplateFormat::Raw => ImageFormat::Raw,
         TemplateFormat::Iso => ImageFormat::Iso,
+        TemplateFormat::Kernel => ImageFormat::Kernel,
+        TemplateFormat::Initrd => ImageFormat::Initrd,
     }
 }
 

@@ -116,12 +116,39 @@ pub enum BootSource {
     Template { template: String },
     /// Boot an installer ISO template, with an empty root disk of `root_disk_gib`.
     Iso { template: String },
+    /// Boot a kernel template directly (with an initrd template and a command line); the
+    /// root disk is empty and only there if `root_disk_gib` is given.
+    Kernel {
+        template: String,
+        #[serde(default)]
+        initrd: Option<String>,
+        #[serde(default)]
+        cmdline: String,
+    },
 }
 
+/// Longest kernel command line accepted (Linux's own limit on x86 is 2048).
+pub const MAX_CMDLINE: usize = 2048;
+
 impl BootSource {
+    /// The main template: the disk, the ISO or the kernel.
     pub fn template(&self) -> &str {
         match self {
-            BootSource::Template { template } | BootSource::Iso { template } => template,
+            BootSource::Template { template }
+            | BootSource::Iso { template }
+            | BootSource::Kernel { template, .. } => template,
+        }
+    }
+
+    /// Every template the VM needs on its host.
+    pub fn templates(&self) -> Vec<&str> {
+        match self {
+            BootSource::Kernel {
+                template,
+                initrd: Some(initrd),
+                ..
+            } => vec![template, initrd],
+            other => vec![other.template()],
         }
     }
 }
@@ -264,6 +291,10 @@ pub enum ImageFormat {
     Qcow2,
     Raw,
     Iso,
+    /// A Linux kernel (bzImage) for direct kernel boot.
+    Kernel,
+    /// An initial ramdisk for direct kernel boot.
+    Initrd,
 }
 
 impl ImageFormat {
@@ -272,6 +303,8 @@ impl ImageFormat {
             ImageFormat::Qcow2 => "qcow2",
             ImageFormat::Raw => "raw",
             ImageFormat::Iso => "iso",
+            ImageFormat::Kernel => "kernel",
+            ImageFormat::Initrd => "initrd",
         }
     }
 }
@@ -722,29 +755,36 @@ fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandErro
         .ok_or_else(|| CommandError::TemplateUnknown {
             template: spec.boot.template().to_string(),
         })?;
+    let kind_error = |want: &str| {
+        Err(invalid(
+            "boot",
+            format!(
+                "template {} is a {} image: {want}",
+                template.name,
+                template.format.as_str()
+            ),
+        ))
+    };
     match (&spec.boot, template.format) {
-        (BootSource::Template { .. }, ImageFormat::Iso) => {
-            return Err(invalid(
-                "boot",
-                format!(
-                    "template {} is an ISO: boot it with an ISO boot source and a root disk size",
-                    template.name
-                ),
-            ))
+        (BootSource::Template { .. }, ImageFormat::Qcow2 | ImageFormat::Raw) => {}
+        (BootSource::Template { .. }, _) => {
+            return kind_error(
+                "boot a disk template (qcow2 or raw), or pick the matching boot source",
+            )
         }
-        (BootSource::Iso { .. }, f) if f != ImageFormat::Iso => {
-            return Err(invalid(
-                "boot",
-                format!("template {} is a disk image, not an ISO", template.name),
-            ))
+        (BootSource::Iso { .. }, ImageFormat::Iso) => {
+            if spec.root_disk_gib.is_none() {
+                return Err(invalid(
+                    "root disk",
+                    "an ISO boot needs a root disk size to install onto",
+                ));
+            }
         }
-        (BootSource::Iso { .. }, _) if spec.root_disk_gib.is_none() => {
-            return Err(invalid(
-                "root disk",
-                "an ISO boot needs a root disk size to install onto",
-            ))
+        (BootSource::Iso { .. }, _) => return kind_error("an ISO boot needs an iso template"),
+        (BootSource::Kernel { .. }, ImageFormat::Kernel) => {}
+        (BootSource::Kernel { .. }, _) => {
+            return kind_error("a kernel boot needs a kernel template")
         }
-        _ => {}
     }
     spec.boot = match spec.boot {
         BootSource::Template { .. } => BootSource::Template {
@@ -753,6 +793,40 @@ fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandErro
         BootSource::Iso { .. } => BootSource::Iso {
             template: template.id.clone(),
         },
+        BootSource::Kernel {
+            initrd, cmdline, ..
+        } => {
+            if cmdline.len() > MAX_CMDLINE || cmdline.chars().any(|c| c.is_control()) {
+                return Err(invalid(
+                    "cmdline",
+                    format!("must be one line of at most {MAX_CMDLINE} characters"),
+                ));
+            }
+            let initrd = match initrd {
+                None => None,
+                Some(name) => {
+                    let t = find_template(conn, &name)
+                        .map_err(store_err)?
+                        .ok_or(CommandError::TemplateUnknown { template: name })?;
+                    if t.format != ImageFormat::Initrd {
+                        return Err(invalid(
+                            "initrd",
+                            format!(
+                                "template {} is a {} image, not an initrd",
+                                t.name,
+                                t.format.as_str()
+                            ),
+                        ));
+                    }
+                    Some(t.id)
+                }
+            };
+            BootSource::Kernel {
+                template: template.id.clone(),
+                initrd,
+                cmdline,
+            }
+        }
     };
     if let Some(gib) = spec.root_disk_gib {
         let bytes = gib.saturating_mul(1 << 30);
@@ -762,7 +836,8 @@ fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandErro
                 format!("{gib} GiB must be between 1 and 65536"),
             ));
         }
-        if template.format != ImageFormat::Iso && bytes < template.virtual_size_bytes {
+        let overlay = matches!(template.format, ImageFormat::Qcow2 | ImageFormat::Raw);
+        if overlay && bytes < template.virtual_size_bytes {
             return Err(invalid(
                 "root disk",
                 format!(
@@ -1649,7 +1724,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             let users: Vec<String> = list::<Vm>(conn)
                 .map_err(store_err)?
                 .into_iter()
-                .filter(|vm| vm.spec.boot.template() == t.id)
+                .filter(|vm| vm.spec.boot.templates().contains(&t.id.as_str()))
                 .map(|vm| vm.name)
                 .collect();
             if !users.is_empty() {

@@ -252,6 +252,8 @@ pub enum VmBoot {
     Disk,
     /// An installer ISO template attached as a CD-ROM, with an empty root disk.
     Iso,
+    /// A kernel template booted directly, with `initrd` and `cmdline`.
+    Kernel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -283,6 +285,12 @@ pub struct VmCreateRequest {
     pub template: String,
     #[serde(default)]
     pub boot: VmBoot,
+    /// Kernel boot: the initrd template (name or id).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Kernel boot: the kernel command line.
+    #[serde(default)]
+    pub cmdline: Option<String>,
     /// Root disk size; default the template's virtual size. Required for ISO boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_disk_gib: Option<u64>,
@@ -319,6 +327,8 @@ impl std::fmt::Debug for VmCreateRequest {
             .field("memory_mib", &self.memory_mib)
             .field("template", &self.template)
             .field("boot", &self.boot)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
             .field("root_disk_gib", &self.root_disk_gib)
             .field("data_disks_gib", &self.data_disks_gib)
             .field("nics", &self.nics)
@@ -465,6 +475,10 @@ pub enum TemplateFormat {
     Qcow2,
     Raw,
     Iso,
+    /// A Linux kernel (bzImage) for direct kernel boot.
+    Kernel,
+    /// An initial ramdisk for direct kernel boot.
+    Initrd,
 }
 
 impl TemplateFormat {
@@ -473,6 +487,8 @@ impl TemplateFormat {
             TemplateFormat::Qcow2 => "qcow2",
             TemplateFormat::Raw => "raw",
             TemplateFormat::Iso => "iso",
+            TemplateFormat::Kernel => "kernel",
+            TemplateFormat::Initrd => "initrd",
         }
     }
 }

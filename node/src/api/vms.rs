@@ -58,6 +58,11 @@ pub(crate) fn create_vm_command(
         VmBoot::Iso => BootSource::Iso {
             template: req.template,
         },
+        VmBoot::Kernel => BootSource::Kernel {
+            template: req.template,
+            initrd: req.initrd,
+            cmdline: req.cmdline.unwrap_or_default(),
+        },
     };
     ComputeCommand::CreateVm {
         vm_id,

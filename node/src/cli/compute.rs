@@ -112,8 +112,14 @@ pub struct VmCreateArgs {
     #[arg(long, default_value = "512M", value_parser = parse_mib)]
     pub memory: u64,
     /// Boot the template as an installer ISO (needs --disk-size for the empty root disk).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "initrd")]
     pub iso: bool,
+    /// Boot the template as a kernel directly, with this initrd template.
+    #[arg(long)]
+    pub initrd: Option<String>,
+    /// Kernel command line (kernel boot: the template is a kernel).
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// Root disk size in whole GiB, e.g. 20G (default: the template's size).
     #[arg(long, value_parser = parse_gib)]
     pub disk_size: Option<u64>,
@@ -221,6 +227,10 @@ pub enum FormatArg {
     Qcow2,
     Raw,
     Iso,
+    /// A Linux kernel for direct kernel boot.
+    Kernel,
+    /// An initrd for direct kernel boot.
+    Initrd,
 }
 
 impl From<FormatArg> for TemplateFormat {
@@ -229,6 +239,8 @@ impl From<FormatArg> for TemplateFormat {
             FormatArg::Qcow2 => TemplateFormat::Qcow2,
             FormatArg::Raw => TemplateFormat::Raw,
             FormatArg::Iso => TemplateFormat::Iso,
+            FormatArg::Kernel => TemplateFormat::Kernel,
+            FormatArg::Initrd => TemplateFormat::Initrd,
         }
     }
 }
@@ -314,7 +326,15 @@ fn create_request(args: &VmCreateArgs) -> anyhow::Result<VmCreateRequest> {
         vcpus: args.vcpus,
         memory_mib: args.memory,
         template: args.template.clone(),
-        boot: if args.iso { VmBoot::Iso } else { VmBoot::Disk },
+        boot: if args.iso {
+            VmBoot::Iso
+        } else if args.initrd.is_some() || args.cmdline.is_some() {
+            VmBoot::Kernel
+        } else {
+            VmBoot::Disk
+        },
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
         root_disk_gib: args.disk_size,
         data_disks_gib: args.data_disks.clone(),
         nics: args.nics.clone(),
@@ -628,6 +648,7 @@ fn vm_fields(v: &VmDetailView) -> String {
             match vm.boot {
                 VmBoot::Disk => "disk".into(),
                 VmBoot::Iso => "iso".into(),
+                VmBoot::Kernel => "kernel".into(),
             },
         ),
         (

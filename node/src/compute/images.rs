@@ -171,6 +171,12 @@ impl ImageStore {
                 check_iso(src)?;
                 size_bytes
             }
+            ImageFormat::Kernel => {
+                check_kernel(src)?;
+                size_bytes
+            }
+            // Any compression (gzip, zstd, xz) or a bare cpio: the kernel decides.
+            ImageFormat::Initrd => size_bytes,
             ImageFormat::Qcow2 | ImageFormat::Raw => {
                 let info = qemu_img_info(src)?;
                 let actual = info
@@ -267,13 +273,16 @@ impl Volumes for ImageStore {
         let template = self.template_path(req.template_id, req.template_format);
         let cdrom = (req.template_format == ImageFormat::Iso).then(|| template.clone());
         let disks = self.vm_paths(req.vm_id, req.data_disk_bytes.len(), cdrom);
-        if !disks.root.exists() {
+        // A kernel-booted VM has a root disk only when it asked for one.
+        let wants_root =
+            req.template_format != ImageFormat::Kernel || req.root_size_bytes.is_some();
+        if wants_root && !disks.root.exists() {
             let tmp = dir.join("root.qcow2.part");
             let tmp_s = tmp.to_string_lossy().into_owned();
             let size = req.root_size_bytes.map(|b| b.to_string());
             let mut args: Vec<String> =
                 vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
-            if req.template_format != ImageFormat::Iso {
+            if matches!(req.template_format, ImageFormat::Qcow2 | ImageFormat::Raw) {
                 args.extend([
                     "-b".into(),
                     template.to_string_lossy().into_owned(),
@@ -349,6 +358,22 @@ fn qemu_img_info(path: &Path) -> Result<serde_json::Value, ImageError> {
         args: format!("info {}", path.display()),
         stderr: format!("unreadable output: {e}"),
     })
+}
+
+/// A Linux x86 boot image (bzImage) has `HdrS` at byte 0x202.
+fn check_kernel(path: &Path) -> Result<(), ImageError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut magic = [0u8; 4];
+    let ok = f.seek(SeekFrom::Start(0x202)).is_ok() && f.read_exact(&mut magic).is_ok();
+    if ok && &magic == b"HdrS" {
+        Ok(())
+    } else {
+        Err(ImageError::FormatMismatch {
+            declared: "kernel".into(),
+            actual: "not a Linux boot image (bzImage)".into(),
+        })
+    }
 }
 
 /// An ISO 9660 image has `CD001` at byte 32769.

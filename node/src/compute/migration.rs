@@ -127,14 +127,25 @@ async fn prepare(
         .read(|c| find_template(c, vm.spec.boot.template()))
         .map_err(|e| error_chain(&e))?
         .ok_or("the VM's template no longer exists")?;
-    if !host.volumes.has_template(&template.id, template.format) {
-        host.templates.fetch(&template).await?;
+    for id in vm.spec.boot.templates() {
+        let t = host
+            .db
+            .reader()
+            .read(|c| find_template(c, id))
+            .map_err(|e| error_chain(&e))?
+            .ok_or("one of the VM's templates no longer exists")?;
+        if !host.volumes.has_template(&t.id, t.format) {
+            host.templates.fetch(&t).await?;
+        }
     }
     if !live {
         let paths = host
             .volumes
             .vm_paths(&vm.id, vm.spec.data_disks.len(), None);
-        let mut files = vec![paths.root.clone()];
+        let mut files = Vec::new();
+        if super::reconciler::has_root_disk(&vm, &template) {
+            files.push(paths.root.clone());
+        }
         files.extend(paths.data.iter().cloned());
         for file in files {
             if !file.exists() {
@@ -167,7 +178,10 @@ async fn prepare(
         tokio::task::spawn_blocking(move || build_domain(volumes.as_ref(), &facts, &vm2, &t2))
             .await
             .map_err(|e| e.to_string())??;
-    let mut disks = vec!["vda".to_string()];
+    let mut disks = Vec::new();
+    if super::reconciler::has_root_disk(&vm, &template) {
+        disks.push("vda".to_string());
+    }
     disks.extend((0..vm.spec.data_disks.len()).map(|i| format!("vd{}", (b'c' + i as u8) as char)));
     Ok(PreparedMigration {
         dest_xml,

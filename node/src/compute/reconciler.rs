@@ -377,17 +377,26 @@ async fn actor(
             Some(o) if o.host == facts.node_id => o.reboot_seq,
             _ => vm.reboot_seq,
         });
-        let template = host
-            .db
-            .reader()
-            .read(|c| find_template(c, vm.spec.boot.template()))
-            .ok()
-            .flatten();
+        let needed: Vec<Template> = vm
+            .spec
+            .boot
+            .templates()
+            .into_iter()
+            .filter_map(|id| {
+                host.db
+                    .reader()
+                    .read(|c| find_template(c, id))
+                    .ok()
+                    .flatten()
+            })
+            .collect();
+        let template = needed.first().cloned();
         let mut fetch_error = None;
-        if let Some(t) = &template {
+        for t in &needed {
             if !vm.deleting && !host.volumes.has_template(&t.id, t.format) {
                 if let Err(e) = host.templates.fetch(t).await {
                     fetch_error = Some(format!("template {} is not available here: {e}", t.name));
+                    break;
                 }
             }
         }
@@ -621,6 +630,12 @@ fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), 
     hv.destroy(uuid).map_err(|e| error_chain(&e))
 }
 
+/// Whether the VM has a root disk (`vda`): always, except a kernel boot without a root
+/// disk size.
+pub fn has_root_disk(vm: &Vm, template: &Template) -> bool {
+    template.format != ImageFormat::Kernel || vm.spec.root_disk_gib.is_some()
+}
+
 /// Creates the VM's disks and seed and renders its domain XML.
 pub fn build_domain(
     volumes: &dyn Volumes,
@@ -666,13 +681,23 @@ pub fn build_domain(
                 cache: DiskCache::None_,
             }
         };
-    let mut attachments = vec![disk(
-        &disks.root,
-        DiskFormat::Qcow2,
-        "vda",
+    let mut attachments = Vec::new();
+    if has_root_disk(vm, template) {
+        attachments.push(disk(
+            &disks.root,
+            DiskFormat::Qcow2,
+            "vda",
+            DiskDevice::Disk,
+            false,
+        ));
+    }
+    attachments.push(disk(
+        &disks.seed,
+        DiskFormat::Raw,
+        "vdb",
         DiskDevice::Disk,
-        false,
-    )];
+        true,
+    ));
     for (i, path) in disks.data.iter().enumerate() {
         let target = format!("vd{}", (b'c' + i as u8) as char);
         attachments.push(disk(
@@ -683,16 +708,21 @@ pub fn build_domain(
             false,
         ));
     }
-    attachments.insert(
-        1,
-        disk(&disks.seed, DiskFormat::Raw, "vdb", DiskDevice::Disk, true),
-    );
     if let Some(iso) = &disks.cdrom {
         attachments.push(disk(iso, DiskFormat::Raw, "sda", DiskDevice::Cdrom, true));
     }
-    let boot = match (&vm.spec.boot, template.format) {
-        (BootSource::Iso { .. }, _) | (_, ImageFormat::Iso) => BootMode::Cdrom,
-        _ => BootMode::Disk,
+    let boot = match &vm.spec.boot {
+        BootSource::Iso { .. } => BootMode::Cdrom,
+        BootSource::Kernel {
+            initrd, cmdline, ..
+        } => BootMode::Kernel {
+            kernel: volumes.template_path(&template.id, ImageFormat::Kernel),
+            initrd: initrd
+                .as_ref()
+                .map(|id| volumes.template_path(id, ImageFormat::Initrd)),
+            cmdline: cmdline.clone(),
+        },
+        BootSource::Template { .. } => BootMode::Disk,
     };
     let spec = DomainSpec {
         uuid: Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?,

@@ -114,6 +114,11 @@ pub async fn wait_console(
     Ok(())
 }
 
+/// A domain of a Keel VM (not the KVM probe's short-lived one).
+fn is_vm_domain(name: &str) -> bool {
+    name.starts_with("keel-") && name != "keel-kvm-probe"
+}
+
 /// Every domain on every host: (host index, name, state).
 pub fn domains(c: &TestCluster) -> Result<Vec<(usize, String, String)>> {
     let mut all = Vec::new();
@@ -279,7 +284,7 @@ async fn bad_specs_are_refused_and_placement_honours_capacity_and_anti_affinity(
     }
     assert_eq!(vm_count(&c).await?, 1);
     cli_quiet(&c, 0, &["vm", "delete", "dup"]).await?;
-    assert!(domains(&c)?.iter().all(|(_, n, _)| !n.starts_with("keel-")));
+    assert!(domains(&c)?.iter().all(|(_, n, _)| !is_vm_domain(n)));
 
     // Anti-affinity: three members land on three hosts; a fourth waits with a reason.
     cli_quiet(
@@ -403,6 +408,68 @@ async fn bad_specs_are_refused_and_placement_honours_capacity_and_anti_affinity(
         Ok(vm_show(&c, 0, "big").await?["host_id"].as_u64())
     })
     .await?;
+
+    // Direct kernel boot: kernel and initrd templates, a command line, no root disk.
+    let guests = tiny_image()?.with_file_name("keel-tiny.vmlinuz");
+    let initrd = guests.with_file_name("keel-tiny.initrd");
+    for (path, name, format) in [
+        (&guests, "tiny-kernel", "kernel"),
+        (&initrd, "tiny-initrd", "initrd"),
+    ] {
+        cli_quiet(
+            &c,
+            0,
+            &[
+                "template",
+                "import",
+                &path.display().to_string(),
+                "--name",
+                name,
+                "--format",
+                format,
+            ],
+        )
+        .await?;
+    }
+    let out = c
+        .cli_raw(
+            0,
+            &[
+                "vm",
+                "create",
+                "direct",
+                "--template",
+                "tiny",
+                "--initrd",
+                "tiny-initrd",
+            ],
+        )
+        .await?;
+    assert!(
+        !out.success() && out.stderr.contains("kernel"),
+        "{}",
+        out.stderr
+    );
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "create",
+            "direct",
+            "--template",
+            "tiny-kernel",
+            "--initrd",
+            "tiny-initrd",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--memory",
+            "128M",
+        ],
+    )
+    .await?;
+    wait_console(&c, "direct", "KEEL-TINY-SEED hostname=direct", secs(90)).await?;
+    assert_eq!(vm_show(&c, 0, "direct").await?["boot"], "kernel");
     Ok(())
 }
 
@@ -680,7 +747,7 @@ async fn live_migration_keeps_the_guest_and_drain_empties_a_host() -> Result<()>
     }
     assert!(domains(&c)?
         .iter()
-        .all(|(i, n, _)| *i != drained || !n.starts_with("keel-")));
+        .all(|(i, n, _)| *i != drained || !is_vm_domain(n)));
     cli_quiet(
         &c,
         0,
