@@ -286,10 +286,10 @@ pub struct VmCreateRequest {
     #[serde(default)]
     pub boot: VmBoot,
     /// Kernel boot: the initrd template (name or id).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     /// Kernel boot: the kernel command line.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     /// Root disk size; default the template's virtual size. Required for ISO boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
