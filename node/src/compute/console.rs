@@ -214,37 +214,53 @@ impl Consoles {
                     .await
                     .map_err(|e| open_err(format!("VNC server on port {port}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
-                let (mut rd, mut wr) = tcp.into_split();
-                let (to_vm, mut to_rx) = mpsc::channel::<Vec<u8>>(16);
+                let (rd, wr) = tcp.into_split();
+                let (to_vm, to_rx) = mpsc::channel::<Vec<u8>>(16);
                 let (from_tx, from_vm) = mpsc::channel(16);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match rd.read(&mut buf).await {
-                            Ok(0) => return,
-                            Ok(n) => {
-                                if from_tx.send(Ok(buf[..n].to_vec())).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                let _ = from_tx.send(Err(e.to_string())).await;
-                                return;
-                            }
-                        }
-                    }
-                });
-                tokio::spawn(async move {
-                    while let Some(data) = to_rx.recv().await {
-                        if wr.write_all(&data).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                relay(rd, wr, to_rx, from_tx, |e| e.to_string());
                 Ok(ConsolePipe { to_vm, from_vm })
             }
         }
     }
+}
+
+/// Pumps a byte stream both ways through channels: what `rd` yields goes to `out` (a read
+/// error ends it as `Err(on_error(e))`), what arrives on `inbound` is written to `wr`.
+pub(crate) fn relay<R, W, E>(
+    mut rd: R,
+    mut wr: W,
+    mut inbound: mpsc::Receiver<Vec<u8>>,
+    out: mpsc::Sender<Result<Vec<u8>, E>>,
+    on_error: fn(std::io::Error) -> E,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    E: Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => {
+                    if out.send(Ok(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = out.send(Err(on_error(e))).await;
+                    return;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(data) = inbound.recv().await {
+            if wr.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// The TCP port of a running domain's VNC display, from its live XML

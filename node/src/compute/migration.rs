@@ -414,38 +414,15 @@ async fn relay(db: ClusterDb, target: u64, conn: tokio::net::UnixStream) -> Resu
 /// Target side of the tunnel: a connection to this host's own libvirtd socket.
 pub async fn open_libvirt_socket(
     socket: &Path,
-    mut inbound: keel_cluster::transport::DuplexInbound,
+    inbound: keel_cluster::transport::DuplexInbound,
 ) -> Result<keel_cluster::transport::DuplexOutbound, String> {
     let conn = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect to libvirtd at {}: {e}", socket.display()))?;
-    let (mut rd, mut wr) = conn.into_split();
-    tokio::spawn(async move {
-        while let Some(data) = inbound.recv().await {
-            if wr.write_all(&data).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (rd, wr) = conn.into_split();
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => {
-                    if tx.send(Ok(buf[..n].to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(tonic::Status::unavailable(e.to_string())))
-                        .await;
-                    return;
-                }
-            }
-        }
+    super::console::relay(rd, wr, inbound, tx, |e| {
+        tonic::Status::unavailable(e.to_string())
     });
     Ok(rx)
 }
