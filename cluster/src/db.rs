@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -881,21 +881,24 @@ impl ClusterDb {
                             },
                         });
                     }
-                    member
-                        .raft
-                        .change_membership(ChangeMembers::ReplaceAllVoters(remaining), false)
-                        .await
-                        .map_err(client_write_error)?;
+                    retry_membership(|| {
+                        member.raft.change_membership(
+                            ChangeMembers::ReplaceAllVoters(remaining.clone()),
+                            false,
+                        )
+                    })
+                    .await
+                    .map_err(client_write_error)?;
                 }
                 if membership.get_node(&node_id).is_some() {
-                    member
-                        .raft
-                        .change_membership(
+                    retry_membership(|| {
+                        member.raft.change_membership(
                             ChangeMembers::RemoveNodes(BTreeSet::from([node_id])),
                             false,
                         )
-                        .await
-                        .map_err(client_write_error)?;
+                    })
+                    .await
+                    .map_err(client_write_error)?;
                 }
                 let response = member
                     .raft
@@ -986,9 +989,7 @@ impl ClusterDb {
             .is_some();
         if !known {
             // Not blocking: the new node starts its peer server only after this reply.
-            member
-                .raft
-                .add_learner(node_id, node, false)
+            retry_membership(|| member.raft.add_learner(node_id, node.clone(), false))
                 .await
                 .map_err(client_write_error)?;
         }
@@ -1047,13 +1048,15 @@ impl ClusterDb {
     /// Replaces the voter set (leader only; used by the voter duty).
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ClusterError> {
         let member = self.require_member()?;
-        member
-            .raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
-            .await
-            .map_err(|e| ClusterError::Raft {
-                detail: e.to_string(),
-            })?;
+        retry_membership(|| {
+            member
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+        })
+        .await
+        .map_err(|e| ClusterError::Raft {
+            detail: e.to_string(),
+        })?;
         Ok(())
     }
 
@@ -1078,6 +1081,35 @@ impl ClusterDb {
 pub struct JoinRequestDraft {
     pub csr_pem: String,
     pub host: NewHost,
+}
+
+/// How long a membership change waits for an earlier one to commit.
+const MEMBERSHIP_RETRY: Duration = Duration::from_secs(10);
+
+/// openraft allows one membership change at a time: one proposed while the previous (a
+/// voter promotion by the voter duty, say) is still uncommitted is refused as
+/// `InProgress`. That refusal is retried for a bounded time instead of failing a join or a
+/// removal that raced the duty.
+async fn retry_membership<T, F, Fut>(
+    mut change: F,
+) -> Result<T, RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>>,
+    >,
+{
+    let deadline = Instant::now() + MEMBERSHIP_RETRY;
+    loop {
+        match change().await {
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>) -> OpError {
