@@ -1,5 +1,6 @@
 //! `keel-bench compute`: VMs on a 3-node cluster whose hosts each run their own libvirtd
-//! (guests under TCG, booted from the tiny template). Prints a table and writes JSON.
+//! (guests booted from the tiny template; under TCG unless the nodes' KVM probe found KVM
+//! usable). Prints a table and writes JSON.
 //!
 //! 1. **create → running**: `keel vm create` (the CLI waits for the operation) timed from
 //!    the call to its success, each VM deleted before the next; in the same run the same
@@ -29,6 +30,9 @@ const LATENCY_MEMORY_MIB: u64 = 128;
 /// (The tiny guest's initramfs is unpacked into RAM: below about 80 MiB its kernel stays
 /// silent or panics "deadlocked on memory".)
 const BOOT_PROBE_MIB: [u64; 6] = [48, 64, 72, 80, 96, 128];
+/// Pause before every timed create of the create → running comparison (the previous
+/// round's qemu has just exited).
+const ROUND_PAUSE: Duration = Duration::from_secs(1);
 /// How long a probe VM may take to print `KEEL-TINY-READY` (it takes 5-10 s).
 const BOOT_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The VMs/min phase uses at least this much memory per VM.
@@ -180,8 +184,9 @@ fn replace_element(xml: &str, tag: &str, value: &str) -> Result<String> {
 }
 
 /// A 3-node cluster with a libvirtd per host, the tiny template imported, every host
-/// up with a working hypervisor, and CPU overcommit raised for 50 VMs.
-async fn form() -> Result<TestCluster> {
+/// up with a working hypervisor, and CPU overcommit raised for 50 VMs; and how the hosts
+/// run guests (TCG or KVM, with the KVM probe's word).
+async fn form() -> Result<(TestCluster, Accel)> {
     let image = tiny_image()?;
     let opts = ClusterOptions {
         libvirt: true,
@@ -206,27 +211,69 @@ async fn form() -> Result<TestCluster> {
         ],
     )
     .await?;
-    wait_until(
-        "every host up with a working hypervisor",
-        secs(90),
+    // Every host up, with a working hypervisor whose KVM boot probe has decided (the
+    // probe boots a guest of its own at start: nothing is measured beside it, and the
+    // domain type is known).
+    let domain_types = wait_until(
+        "every host up with a working hypervisor and its KVM probe done",
+        secs(120),
         millis(300),
         || async {
             let hosts = c.nodes(0).await?;
-            let ready = hosts.as_array().is_some_and(|a| {
-                a.len() == c.len()
-                    && a.iter().all(|h| {
-                        let hv = &h["inventory"]["hypervisor"];
-                        h["health"] == "up" && hv.is_object() && hv["error"].is_null()
-                    })
-            });
-            Ok(ready.then_some(()))
+            let hosts = hosts.as_array().cloned().unwrap_or_default();
+            let ready = hosts.len() == c.len()
+                && hosts.iter().all(|h| {
+                    let inv = &h["inventory"];
+                    let hv = &inv["hypervisor"];
+                    let detail = inv["kvm_detail"].as_str().unwrap_or("");
+                    let probed = !inv["kvm_usable"].is_null()
+                        || (!detail.is_empty() && detail != "probe running");
+                    h["health"] == "up" && hv.is_object() && hv["error"].is_null() && probed
+                });
+            if !ready {
+                return Err(anyhow!("not yet: {}", Value::Array(hosts)));
+            }
+            let mut types: Vec<String> = hosts
+                .iter()
+                .map(|h| {
+                    match h["inventory"]["hypervisor"]["domain_type"].as_str() {
+                        Some("qemu") => "TCG",
+                        Some("kvm") => "KVM",
+                        _ => "?",
+                    }
+                    .to_string()
+                })
+                .collect();
+            types.dedup();
+            let mut details: Vec<String> = hosts
+                .iter()
+                .map(|h| {
+                    h["inventory"]["kvm_detail"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .collect();
+            details.dedup();
+            Ok(Some(Accel {
+                name: types.join("/"),
+                kvm_probe: details.join("; "),
+            }))
         },
     )
     .await?;
     c.api(0)?
         .put_setting("compute.cpu-overcommit", CPU_OVERCOMMIT)
         .await?;
-    Ok(c)
+    Ok((c, domain_types))
+}
+
+/// How the hosts run guests.
+struct Accel {
+    /// `TCG` or `KVM` (`TCG/KVM` if the hosts differ).
+    name: String,
+    /// The nodes' KVM boot probe's verdict.
+    kvm_probe: String,
 }
 
 /// `keel vm create NAME --template tiny --memory M [extra…]` on host `i`.
@@ -361,7 +408,7 @@ async fn delete_all(c: &TestCluster, i: usize) -> Result<()> {
         let left = left.as_array().map_or(0, Vec::len);
         let doms = domains(c)?
             .into_iter()
-            .filter(|(_, n, _)| n.starts_with("keel-"))
+            .filter(|(_, n, _)| n.starts_with("keel-") && n != "keel-kvm-probe")
             .count();
         if left == 0 && doms == 0 {
             Ok(Some(()))
@@ -402,8 +449,10 @@ struct Latency {
 /// running domain that a bare `virsh create` of a ready-made XML and disk does not:
 /// * the CLI: its own start-up and its request over the admin socket (virsh starts a
 ///   process too, so that part is on both sides), then polling the operation every
-///   250 ms — up to 250 ms of the keel figure is that poll interval (the "server" row is
-///   the operation's own accepted → succeeded time, without it);
+///   250 ms — up to 250 ms of the keel figure is that poll interval (the second row is
+///   the operation's own times, without it: from the API handler accepting the request
+///   to the host reporting the domain running, i.e. all of the below but the commit of
+///   that report);
 /// * raft: the create is validated and committed (a round trip to a majority, fsync of
 ///   the log), placement picks a host (a second committed write), the chosen host's
 ///   reconciler wakes on the apply;
@@ -423,11 +472,16 @@ async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Late
     let mut keel_cli = Vec::new();
     let mut keel_server = Vec::new();
     let mut keel_hosts = Vec::new();
-    // Taken from the first Keel VM: (host, inactive XML, its VM directory, backing file).
-    let mut source: Option<(usize, String, PathBuf, PathBuf)> = None;
+    let mut virsh = Vec::new();
+    let mut overlay = Vec::new();
     let bench_dir = c.dir().join("bench-virsh");
     std::fs::create_dir_all(&bench_dir)?;
+    // Taken from the first Keel VM.
+    let mut base: Option<Baseline> = None;
+    // Rounds alternate keel, virsh, keel, … so that both see the machine in the same
+    // state; each starts after the same pause.
     for r in 0..rounds {
+        tokio::time::sleep(ROUND_PAUSE).await;
         let name = format!("lat-{r}");
         let t0 = Instant::now();
         let op = vm_create(c, cli_host, &name, LATENCY_MEMORY_MIB, &[]).await?;
@@ -449,75 +503,29 @@ async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Late
             );
         }
         eprintln!(
-            "keel-bench: create → running round {r}: {ms:.0} ms (server {server:.0} ms) on {}",
+            "keel-bench: create → running round {r}: keel {ms:.0} ms (operation {server:.0} ms) on {}",
             c.name(host)
         );
         keel_cli.push(ms);
         keel_server.push(server);
         keel_hosts.push(host);
-        if source.is_none() {
-            let dir = vm_dir(c, host, &id);
-            let xml = lv.virsh(&["dumpxml", "--inactive", &format!("keel-{name}")])?;
-            let info = qemu_img(&["info", "-U", "--output=json"], &dir.join("root.qcow2"))?;
-            let info: Value = serde_json::from_str(&info).context("qemu-img info output")?;
-            let backing = info["full-backing-filename"]
-                .as_str()
-                .or_else(|| info["backing-filename"].as_str())
-                .ok_or_else(|| anyhow!("the Keel root disk has no backing file: {info}"))?;
-            std::fs::copy(dir.join("seed.img"), bench_dir.join("seed.img"))
-                .context("copy the seed image")?;
-            source = Some((host, xml, dir, PathBuf::from(backing)));
+        if base.is_none() {
+            base = Some(Baseline::take(c, host, &name, &id, &bench_dir)?);
         }
         c.cli(cli_host, &["vm", "delete", &name]).await?;
-    }
-    let (virsh_host, xml, dir, backing) = source.ok_or_else(|| anyhow!("no rounds ran"))?;
-    let dir_s = dir.display().to_string();
-    if !xml.contains(&format!("{dir_s}/root.qcow2")) {
-        bail!("the domain XML does not name {dir_s}/root.qcow2:\n{xml}");
-    }
-    let lv = c
-        .libvirt(virsh_host)
-        .ok_or_else(|| anyhow!("host {virsh_host} has no libvirtd"))?;
-    let mut virsh = Vec::new();
-    let mut overlay = Vec::new();
-    for r in 0..rounds {
-        let name = format!("bench-virsh-{r}");
-        let root = bench_dir.join(format!("root-{r}.qcow2"));
-        let t0 = Instant::now();
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&backing)
-            .arg(&root)
-            .output()
-            .context("run qemu-img create")?;
-        if !out.status.success() {
-            bail!(
-                "qemu-img create: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        overlay.push(t0.elapsed().as_secs_f64() * 1000.0);
-        let doc = replace_element(&xml, "name", &name)?;
-        let doc = replace_element(&doc, "uuid", &random_uuid())?;
-        let doc = doc
-            .replace(&format!("{dir_s}/root.qcow2"), &root.display().to_string())
-            .replace(&dir_s, &bench_dir.display().to_string());
-        let file = bench_dir.join(format!("{name}.xml"));
-        std::fs::write(&file, &doc)?;
-        let file_s = file.display().to_string();
-        let t0 = Instant::now();
-        lv.virsh(&["create", &file_s])?;
-        let ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let state = lv.virsh(&["domstate", &name])?;
-        if state.trim() != "running" {
-            bail!("{name} is {:?} after virsh create", state.trim());
-        }
-        eprintln!("keel-bench: virsh create round {r}: {ms:.0} ms");
+
+        tokio::time::sleep(ROUND_PAUSE).await;
+        let b = base.as_ref().ok_or_else(|| anyhow!("no baseline XML"))?;
+        let (ms, overlay_ms) = b.round(c, r)?;
+        eprintln!(
+            "keel-bench: create → running round {r}: virsh {ms:.0} ms on {}",
+            c.name(b.host)
+        );
         virsh.push(ms);
-        lv.virsh(&["destroy", &name])?;
-        std::fs::remove_file(&root).ok();
+        overlay.push(overlay_ms);
     }
     std::fs::remove_dir_all(&bench_dir).ok();
+    let virsh_host = base.map_or(cli_host, |b| b.host);
     Ok(Latency {
         rounds,
         keel_cli: summary(keel_cli),
@@ -527,6 +535,97 @@ async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Late
         keel_hosts,
         virsh_host,
     })
+}
+
+/// The virsh side of the comparison: a Keel-created domain's definition, re-pointed at
+/// files of its own.
+struct Baseline {
+    /// The host whose libvirtd ran the Keel domain.
+    host: usize,
+    /// `virsh dumpxml --inactive` of the Keel domain: what Keel defined.
+    xml: String,
+    /// The Keel VM's directory (root disk, seed, console log) as the XML names it.
+    vm_dir: String,
+    /// The template file the Keel root disk is an overlay of.
+    backing: PathBuf,
+    /// Where the baseline's files go (a copy of the seed, the overlays, the console log).
+    dir: PathBuf,
+}
+
+impl Baseline {
+    /// Takes the definition and files of the running Keel domain `keel-NAME`.
+    fn take(c: &TestCluster, host: usize, name: &str, id: &str, dir: &Path) -> Result<Self> {
+        let lv = c
+            .libvirt(host)
+            .ok_or_else(|| anyhow!("host {host} has no libvirtd"))?;
+        let vm_dir = vm_dir(c, host, id);
+        let xml = lv.virsh(&["dumpxml", "--inactive", &format!("keel-{name}")])?;
+        let root = vm_dir.join("root.qcow2");
+        // -U: qemu holds the image's lock.
+        let info = qemu_img(&["info", "-U", "--output=json"], &root)?;
+        let info: Value = serde_json::from_str(&info).context("qemu-img info output")?;
+        let backing = info["full-backing-filename"]
+            .as_str()
+            .or_else(|| info["backing-filename"].as_str())
+            .ok_or_else(|| anyhow!("the Keel root disk has no backing file: {info}"))?;
+        std::fs::copy(vm_dir.join("seed.img"), dir.join("seed.img"))
+            .context("copy the seed image")?;
+        if !xml.contains(&root.display().to_string()) {
+            bail!("the domain XML does not name {}:\n{xml}", root.display());
+        }
+        Ok(Baseline {
+            host,
+            xml,
+            vm_dir: vm_dir.display().to_string(),
+            backing: PathBuf::from(backing),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// One round: a fresh overlay (timed apart), then `virsh create` of the XML with a new
+    /// name and UUID, timed; the domain is destroyed after. Returns (create ms, overlay ms).
+    fn round(&self, c: &TestCluster, r: usize) -> Result<(f64, f64)> {
+        let lv = c
+            .libvirt(self.host)
+            .ok_or_else(|| anyhow!("host {} has no libvirtd", self.host))?;
+        let name = format!("bench-virsh-{r}");
+        let root = self.dir.join(format!("root-{r}.qcow2"));
+        let t0 = Instant::now();
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&self.backing)
+            .arg(&root)
+            .output()
+            .context("run qemu-img create")?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img create: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let overlay_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let doc = replace_element(&self.xml, "name", &name)?;
+        let doc = replace_element(&doc, "uuid", &random_uuid())?;
+        let doc = doc
+            .replace(
+                &format!("{}/root.qcow2", self.vm_dir),
+                &root.display().to_string(),
+            )
+            .replace(&self.vm_dir, &self.dir.display().to_string());
+        let file = self.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, &doc)?;
+        let file = file.display().to_string();
+        let t0 = Instant::now();
+        lv.virsh(&["create", &file])?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let state = lv.virsh(&["domstate", &name])?;
+        lv.virsh(&["destroy", &name])?;
+        std::fs::remove_file(&root).ok();
+        if state.trim() != "running" {
+            bail!("{name} was {:?} after virsh create", state.trim());
+        }
+        Ok((ms, overlay_ms))
+    }
 }
 
 /// `qemu-img ARGS… PATH`; stdout.
@@ -795,8 +894,8 @@ pub async fn run(quick: bool, out_path: &str) -> Result<()> {
         }
     };
     eprintln!("keel-bench: forming a 3-node cluster with a libvirtd per host");
-    let c = form().await?;
-    let r = phases(&c, &sizes, quick, out_path).await;
+    let (c, accel) = form().await?;
+    let r = phases(&c, &sizes, quick, &accel, out_path).await;
     if r.is_err() {
         c.mark_failed();
     }
@@ -813,7 +912,13 @@ pub async fn run(quick: bool, out_path: &str) -> Result<()> {
     r
 }
 
-async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> Result<()> {
+async fn phases(
+    c: &TestCluster,
+    sizes: &Sizes,
+    quick: bool,
+    accel: &Accel,
+    out_path: &str,
+) -> Result<()> {
     let cli_host = c.leader().await?;
     // Idle: the cluster formed, template imported, no VM created yet.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -842,8 +947,9 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\nKeel compute benchmark (3 nodes in network namespaces, a libvirtd each, {cores} cores, \
-         TCG guests from the tiny template)"
+        "\nKeel compute benchmark (3 nodes in network namespaces, a libvirtd each, {cores} cores; \
+         guests from the tiny template under {})",
+        accel.name
     );
     println!(
         "\n{:<48} {:>8} {:>8} {:>8}",
@@ -862,7 +968,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
         &format!("keel vm create on {} (leader), waits", c.name(cli_host)),
         &lat.keel_cli,
     );
-    row("  the operation alone (server clock)", &lat.keel_server);
+    row("  API accepted → host reported running", &lat.keel_server);
     row(
         &format!(
             "virsh create, same XML, {}'s libvirtd",
@@ -973,7 +1079,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
         "nodes": c.len(),
         "node_names": names,
         "cores": cores,
-        "guest": {"template": "keel-tiny", "accel": "tcg"},
+        "guest": {"template": "keel-tiny", "accel": accel.name, "kvm_probe": accel.kvm_probe},
         "cpu_overcommit": CPU_OVERCOMMIT.parse::<f64>().unwrap_or(0.0),
         "create_to_running_ms": {
             "rounds": lat.rounds,
