@@ -891,14 +891,14 @@ impl ClusterDb {
                     .map_err(client_write_error)?;
                 }
                 if membership.get_node(&node_id).is_some() {
-                    retry_membership(|| {
-                        member.raft.change_membership(
+                    member
+                        .raft
+                        .change_membership(
                             ChangeMembers::RemoveNodes(BTreeSet::from([node_id])),
                             false,
                         )
-                    })
-                    .await
-                    .map_err(client_write_error)?;
+                        .await
+                        .map_err(client_write_error)?;
                 }
                 let response = member
                     .raft
@@ -1048,15 +1048,13 @@ impl ClusterDb {
     /// Replaces the voter set (leader only; used by the voter duty).
     pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ClusterError> {
         let member = self.require_member()?;
-        retry_membership(|| {
-            member
-                .raft
-                .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
-        })
-        .await
-        .map_err(|e| ClusterError::Raft {
-            detail: e.to_string(),
-        })?;
+        member
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map_err(|e| ClusterError::Raft {
+                detail: e.to_string(),
+            })?;
         Ok(())
     }
 
@@ -1088,8 +1086,10 @@ const MEMBERSHIP_RETRY: Duration = Duration::from_secs(10);
 
 /// openraft allows one membership change at a time: one proposed while the previous (a
 /// voter promotion by the voter duty, say) is still uncommitted is refused as
-/// `InProgress`. That refusal is retried for a bounded time instead of failing a join or a
-/// removal that raced the duty.
+/// `InProgress`. A join's `add_learner` is retried for a bounded time instead of failing.
+/// Only changes that stay right after a wait may be retried: a voter set computed before
+/// the wait (the voter duty's, a removal's) could be stale and would drop a member — those
+/// fail and are decided again.
 async fn retry_membership<T, F, Fut>(
     mut change: F,
 ) -> Result<T, RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>>
