@@ -598,6 +598,22 @@ impl TestCluster {
         self.hosts.get(i).and_then(|h| h.libvirt.as_ref())
     }
 
+    /// Every libvirt domain on every host with a libvirtd: (host index, name, state).
+    pub fn domains(&self) -> Result<Vec<(usize, String, String)>> {
+        let mut all = Vec::new();
+        for i in 0..self.len() {
+            let Some(lv) = self.libvirt(i) else { continue };
+            let out = lv.virsh(&["list", "--all"])?;
+            for line in out.lines().skip(2) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() >= 3 {
+                    all.push((i, cols[1].to_string(), cols[2..].join(" ")));
+                }
+            }
+        }
+        Ok(all)
+    }
+
     /// Number of hosts.
     pub fn len(&self) -> usize {
         self.hosts.len()

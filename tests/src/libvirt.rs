@@ -198,7 +198,8 @@ fn publish_cache(files: &[(String, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
-fn random_uuid() -> String {
+/// A random version-4 UUID (keel-tests has no uuid crate outside its tests).
+pub fn random_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
     // Version 4, RFC 4122 variant.

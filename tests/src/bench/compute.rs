@@ -140,32 +140,7 @@ fn qemu_rss(c: &TestCluster) -> (usize, u64) {
 
 /// Every domain on every host: (host index, name, state).
 fn domains(c: &TestCluster) -> Result<Vec<(usize, String, String)>> {
-    let mut all = Vec::new();
-    for i in 0..c.len() {
-        let Some(lv) = c.libvirt(i) else { continue };
-        let out = lv.virsh(&["list", "--all"])?;
-        for line in out.lines().skip(2) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() >= 3 {
-                all.push((i, cols[1].to_string(), cols[2..].join(" ")));
-            }
-        }
-    }
-    Ok(all)
-}
-
-fn random_uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-4{}-{:x}{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[13..16],
-        8 | (b[8] & 0x3),
-        &hex[17..20],
-        &hex[20..32]
-    )
+    c.domains()
 }
 
 /// Replaces the text of the first `<tag>…</tag>` in `xml`.
@@ -605,7 +580,7 @@ impl Baseline {
         }
         let overlay_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let doc = replace_element(&self.xml, "name", &name)?;
-        let doc = replace_element(&doc, "uuid", &random_uuid())?;
+        let doc = replace_element(&doc, "uuid", &keel_tests::libvirt::random_uuid())?;
         let doc = doc
             .replace(
                 &format!("{}/root.qcow2", self.vm_dir),

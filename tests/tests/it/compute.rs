@@ -121,18 +121,7 @@ fn is_vm_domain(name: &str) -> bool {
 
 /// Every domain on every host: (host index, name, state).
 pub fn domains(c: &TestCluster) -> Result<Vec<(usize, String, String)>> {
-    let mut all = Vec::new();
-    for i in 0..c.len() {
-        let Some(lv) = c.libvirt(i) else { continue };
-        let out = lv.virsh(&["list", "--all"])?;
-        for line in out.lines().skip(2) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() >= 3 {
-                all.push((i, cols[1].to_string(), cols[2..].join(" ")));
-            }
-        }
-    }
-    Ok(all)
+    c.domains()
 }
 
 async fn vm_count(c: &TestCluster) -> Result<usize> {
