@@ -15,6 +15,7 @@ pub mod duties;
 pub mod inventory;
 pub mod join;
 pub mod metrics;
+pub mod network;
 pub mod service;
 pub mod views;
 

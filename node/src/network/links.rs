@@ -1,0 +1,162 @@
+//! The narrow interface between the network reconciler and the host's links. The real
+//! implementation is [`super::netlink::Netlink`] (rtnetlink); [`super::fake_links`] keeps
+//! links in memory for unit tests of the logic above it.
+//!
+//! Calls are blocking (the real adapter runs its netlink connections on threads of its
+//! own, which it needs anyway to enter router namespaces): async callers wrap them in
+//! `tokio::task::spawn_blocking`. Every call is idempotent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+            if part.len() != 2 {
+                return Err(format!("{s:?} is not a MAC address"));
+            }
+            *byte =
+                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+/// Link names of a network on a host. Linux allows 15 bytes; a VNI has at most 8 digits.
+pub fn bridge_name(vni: u32) -> String {
+    format!("kbr{vni}")
+}
+pub fn vxlan_name(vni: u32) -> String {
+    format!("kvx{vni}")
+}
+/// The host end of the veth pair into the router namespace (a bridge port).
+pub fn gateway_host_name(vni: u32) -> String {
+    format!("kgh{vni}")
+}
+/// The router namespace's end of that veth pair; it carries the gateway address.
+pub fn gateway_ns_name(vni: u32) -> String {
+    format!("kgn{vni}")
+}
+/// The tap libvirt creates for a VM NIC (`<target dev=…>`): unique because MACs are.
+pub fn tap_name(mac: MacAddr) -> String {
+    let hex: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
+    format!("kt{hex}")
+}
+/// The gateway MAC of a network: locally administered, the same on every host.
+pub fn gateway_mac(vni: u32) -> MacAddr {
+    let [_, a, b, c] = vni.to_be_bytes();
+    MacAddr([0x02, 0x6b, 0x67, a, b, c])
+}
+
+/// The underlay a VXLAN runs over: this host's address on the guest-underlay network and
+/// the device that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub dev: String,
+    pub ip: Ipv4Addr,
+}
+
+/// The gateway of a network, configured inside its router namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayLink {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: MacAddr,
+}
+
+/// Everything one guest network needs on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkLinks {
+    pub vni: u32,
+    /// MTU of the bridge, the VXLAN device, the veth pair (underlay MTU − 50 or less).
+    pub mtu: u32,
+    pub underlay: Underlay,
+    /// Underlay addresses of the other hosts on this network: one all-zero FDB entry each
+    /// (head-end replication of broadcast, unknown unicast and multicast).
+    pub peers: BTreeSet<Ipv4Addr>,
+    /// MACs of VMs on other hosts → that host's underlay address (unicast goes straight
+    /// there instead of to every peer).
+    pub remote_macs: BTreeMap<MacAddr, Ipv4Addr>,
+    pub gateway: GatewayLink,
+}
+
+/// What a host's links look like for one network (read back, for tests and reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkLinksState {
+    pub vni: u32,
+    pub mtu: u32,
+    pub peers: BTreeSet<Ipv4Addr>,
+    pub remote_macs: BTreeMap<MacAddr, Ipv4Addr>,
+    /// Ports of the bridge other than the VXLAN and gateway devices (the VMs' taps).
+    pub ports: BTreeSet<String>,
+}
+
+/// An IPv4 address configured on a host interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddress {
+    pub dev: String,
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("netlink request {operation} on {link} failed")]
+    Netlink {
+        operation: &'static str,
+        link: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("underlay device {dev} does not exist on this host")]
+    NoUnderlay { dev: String },
+    #[error("router namespace of network {vni} at {path}")]
+    Namespace {
+        vni: u32,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// One host's links.
+pub trait Links: Send + Sync + 'static {
+    /// Makes the network's links match `net` exactly: bridge, VXLAN device (created anew
+    /// when its VNI, local address, device or MTU differ), FDB entries (extra ones
+    /// removed), router namespace with its veth pair, gateway address and MAC. Leaves the
+    /// bridge's other ports (VM taps) alone.
+    fn ensure(&self, net: &NetworkLinks) -> Result<(), LinkError>;
+    /// Removes the network's bridge, VXLAN device, veth pair and router namespace.
+    /// Removing an absent network succeeds.
+    fn remove(&self, vni: u32) -> Result<(), LinkError>;
+    /// The networks whose bridge exists on this host, read back.
+    fn list(&self) -> Result<Vec<NetworkLinksState>, LinkError>;
+    /// A path to the network's router namespace that `nsenter --net=PATH` and `setns`
+    /// accept (valid after `ensure`).
+    fn router_netns(&self, vni: u32) -> PathBuf;
+    /// The host's IPv4 addresses (to validate the physical networks it is given).
+    fn addresses(&self) -> Result<Vec<HostAddress>, LinkError>;
+}
