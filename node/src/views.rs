@@ -206,6 +206,8 @@ pub fn op_kind_name(kind: OpKind) -> &'static str {
         OpKind::VmResize => "vm-resize",
         OpKind::VmDelete => "vm-delete",
         OpKind::VmMigrate => "vm-migrate",
+        OpKind::NicAttach => "nic-attach",
+        OpKind::NicDetach => "nic-detach",
     }
 }
 

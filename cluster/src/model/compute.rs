@@ -158,13 +158,25 @@ pub struct DataDisk {
     pub size_gib: u64,
 }
 
-/// A NIC on an existing bridge of the host (guest networks come with the network work).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A NIC: on a guest network (`network`), or on an existing bridge of the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NicSpec {
+    /// The host bridge. For a NIC on a guest network it is the network's bridge, filled
+    /// in when the NIC is created.
+    #[serde(default)]
     pub bridge: String,
     /// Allocated when the VM is created if not given.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The guest network (a name or id in a command; the stored spec holds the id).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The NIC's address on its guest network: asked for, or leased from IPAM.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Security groups (names or ids in a command; ids once stored).
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -363,6 +375,8 @@ pub enum OpKind {
     VmResize,
     VmDelete,
     VmMigrate,
+    NicAttach,
+    NicDetach,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -747,7 +761,7 @@ fn validate_ssh_key(key: &str) -> Result<(), CommandError> {
 }
 
 /// Normalises and validates a requested spec: resolves the template to its id, fills MACs.
-fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandError> {
+fn validate_spec(conn: &Connection, spec: &VmSpec, vm_id: &str) -> Result<VmSpec, CommandError> {
     let mut spec = spec.clone();
     validate_size(spec.vcpus, spec.memory_mib)?;
     let template = find_template(conn, spec.boot.template())
@@ -867,24 +881,7 @@ fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandErro
         return Err(invalid("nics", format!("at most {MAX_NICS} NICs")));
     }
     for nic in &mut spec.nics {
-        validate_bridge(&nic.bridge)?;
-        match &nic.mac {
-            Some(mac) => {
-                validate_mac(mac)?;
-                nic.mac = Some(mac.to_ascii_lowercase());
-            }
-            None => {
-                // 52:54:00 is qemu's locally administered prefix; the counter keeps MACs
-                // unique across the cluster for 16 million NICs.
-                let n = next_counter(conn, "mac", 1)?;
-                nic.mac = Some(format!(
-                    "52:54:00:{:02x}:{:02x}:{:02x}",
-                    (n >> 16) & 0xff,
-                    (n >> 8) & 0xff,
-                    n & 0xff
-                ));
-            }
-        }
+        complete_nic(conn, nic, vm_id)?;
     }
     if let Some(ud) = &spec.cloud_init.user_data {
         if ud.len() > MAX_USER_DATA {
@@ -914,10 +911,54 @@ fn validate_spec(conn: &Connection, spec: &VmSpec) -> Result<VmSpec, CommandErro
     Ok(spec)
 }
 
+/// Validates a NIC and fills in what the cluster chooses: its MAC, and on a guest network
+/// its bridge and leased address.
+fn complete_nic(conn: &Connection, nic: &mut NicSpec, vm_id: &str) -> Result<(), CommandError> {
+    if nic.network.is_none() {
+        validate_bridge(&nic.bridge)?;
+    }
+    match &nic.mac {
+        Some(mac) => {
+            validate_mac(mac)?;
+            nic.mac = Some(mac.to_ascii_lowercase());
+        }
+        None => {
+            // 52:54:00 is qemu's locally administered prefix; the counter keeps MACs
+            // unique across the cluster for 16 million NICs.
+            let n = next_counter(conn, "mac", 1)?;
+            nic.mac = Some(format!(
+                "52:54:00:{:02x}:{:02x}:{:02x}",
+                (n >> 16) & 0xff,
+                (n >> 8) & 0xff,
+                n & 0xff
+            ));
+        }
+    }
+    super::network::prepare_nic(conn, nic, vm_id)?;
+    Ok(())
+}
+
 fn require_vm(conn: &Connection, vm: &str) -> Result<Vm, CommandError> {
     find_vm(conn, vm)
         .map_err(store_err)?
         .ok_or_else(|| CommandError::VmUnknown { vm: vm.to_string() })
+}
+
+/// For spec changes a host applies by redefining the domain: the VM must be stopped.
+fn require_stopped_for(vm: &Vm, what: &str) -> Result<(), CommandError> {
+    require_not_deleting(vm)?;
+    let running = vm.power == PowerIntent::Running
+        || vm
+            .observed
+            .as_ref()
+            .is_some_and(|o| !matches!(o.state, RunState::Stopped | RunState::Absent));
+    if running {
+        return Err(CommandError::VmState {
+            vm: vm.name.clone(),
+            reason: format!("{what} needs the VM stopped: stop it first"),
+        });
+    }
+    Ok(())
 }
 
 fn require_not_deleting(vm: &Vm) -> Result<(), CommandError> {
@@ -1050,6 +1091,7 @@ fn settle_ops(
 }
 
 fn finish_deleted(conn: &Connection, vm: &Vm, now_ms: u64) -> Result<(), CommandError> {
+    super::network::release_vm(conn, vm)?;
     for op_id in &vm.active_ops {
         if let Some(mut op) = read::<Operation>(conn, op_id)? {
             if op.goal == OpGoal::Deleted {
@@ -1162,6 +1204,20 @@ pub enum ComputeCommand {
         error: Option<String>,
         now_ms: u64,
     },
+    /// Adds a NIC to a stopped VM.
+    AttachNic {
+        vm: String,
+        nic: NicSpec,
+        op_id: String,
+        now_ms: u64,
+    },
+    /// Removes a stopped VM's NIC (by MAC) and frees its address.
+    DetachNic {
+        vm: String,
+        mac: String,
+        op_id: String,
+        now_ms: u64,
+    },
     /// Takes a host out of placement (`keel node drain`) or puts it back.
     SetHostMaintenance {
         host_id: NodeId,
@@ -1189,6 +1245,8 @@ impl ComputeCommand {
             ComputeCommand::MigrateVm { .. } => "migrate_vm",
             ComputeCommand::FinishMigration { .. } => "finish_migration",
             ComputeCommand::SetHostMaintenance { .. } => "set_host_maintenance",
+            ComputeCommand::AttachNic { .. } => "attach_nic",
+            ComputeCommand::DetachNic { .. } => "detach_nic",
         }
     }
 }
@@ -1221,7 +1279,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             if *stop_timeout_s > 3600 {
                 return Err(invalid("stop timeout", "at most 3600 seconds"));
             }
-            let spec = validate_spec(conn, spec)?;
+            let spec = validate_spec(conn, spec, vm_id)?;
             let power = if *start {
                 PowerIntent::Running
             } else {
@@ -1360,6 +1418,65 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
                 generation: vm.generation,
             };
             new_op(conn, op_id, OpKind::VmResize, &mut vm, goal, *now_ms)?;
+            put(conn, &vm)?;
+            Ok(Outcome::Created { id: vm.id })
+        }
+        ComputeCommand::AttachNic {
+            vm,
+            nic,
+            op_id,
+            now_ms,
+        } => {
+            let mut vm = require_vm(conn, vm)?;
+            require_stopped_for(&vm, "attaching a NIC")?;
+            if vm.spec.nics.len() >= MAX_NICS {
+                return Err(invalid("nics", format!("at most {MAX_NICS} NICs")));
+            }
+            let mut nic = nic.clone();
+            complete_nic(conn, &mut nic, &vm.id)?;
+            if vm.spec.nics.iter().any(|n| n.mac == nic.mac) {
+                return Err(CommandError::NameTaken {
+                    kind: "MAC address".into(),
+                    name: nic.mac.clone().unwrap_or_default(),
+                });
+            }
+            vm.spec.nics.push(nic);
+            vm.generation += 1;
+            let goal = OpGoal::Stopped {
+                generation: vm.generation,
+            };
+            new_op(conn, op_id, OpKind::NicAttach, &mut vm, goal, *now_ms)?;
+            put(conn, &vm)?;
+            Ok(Outcome::Created { id: vm.id })
+        }
+        ComputeCommand::DetachNic {
+            vm,
+            mac,
+            op_id,
+            now_ms,
+        } => {
+            let mut vm = require_vm(conn, vm)?;
+            require_stopped_for(&vm, "detaching a NIC")?;
+            let Some(pos) = vm.spec.nics.iter().position(|n| {
+                n.mac
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+            }) else {
+                return Err(invalid(
+                    "nic",
+                    format!(
+                        "VM {} has no NIC with MAC {mac}: `keel vm show {}` lists them",
+                        vm.name, vm.name
+                    ),
+                ));
+            };
+            let nic = vm.spec.nics.remove(pos);
+            super::network::release_nic(conn, &nic)?;
+            vm.generation += 1;
+            let goal = OpGoal::Stopped {
+                generation: vm.generation,
+            };
+            new_op(conn, op_id, OpKind::NicDetach, &mut vm, goal, *now_ms)?;
             put(conn, &vm)?;
             Ok(Outcome::Created { id: vm.id })
         }

@@ -10,6 +10,7 @@
 //! the health the leader's heartbeat duty assigned (`up` → `suspect` → `down`).
 
 pub mod compute;
+pub mod network;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -374,6 +375,10 @@ pub enum Command {
     Compute {
         command: compute::ComputeCommand,
     },
+    /// Host networks, guest networks, security groups (see [`network`]).
+    Network {
+        command: network::NetworkCommand,
+    },
 }
 
 impl Command {
@@ -389,6 +394,7 @@ impl Command {
             Command::PutSetting { .. } => "put_setting",
             Command::DeleteSetting { .. } => "delete_setting",
             Command::Compute { command } => command.kind(),
+            Command::Network { command } => command.kind(),
         }
     }
 }
@@ -448,6 +454,18 @@ pub enum CommandError {
     AffinityGroupUnknown { group: String },
     #[error("{what} is still used by {}: remove those first", users.join(", "))]
     InUse { what: String, users: Vec<String> },
+    #[error("network {network:?} does not exist: `keel net list` shows the networks")]
+    NetworkUnknown { network: String },
+    #[error("security group {group:?} does not exist: `keel sg list` shows the groups")]
+    SecurityGroupUnknown { group: String },
+    #[error("security group {group} has no rule {rule:?}: `keel sg show {group}` lists its rules")]
+    RuleUnknown { group: String, rule: String },
+    #[error(
+        "address {ip} of network {network} is already in use: pick another or let Keel choose"
+    )]
+    AddressInUse { network: String, ip: String },
+    #[error("network {network} ({cidr}) has no free address left: delete VMs or NICs on it, or create a larger network")]
+    NetworkFull { network: String, cidr: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("the state store failed while applying: {detail}")]
@@ -767,6 +785,7 @@ pub fn apply(conn: &Connection, command: &Command) -> Result<Outcome, CommandErr
             Ok(Outcome::Done)
         }
         Command::Compute { command } => compute::apply(conn, command),
+        Command::Network { command } => network::apply(conn, command),
         Command::DeleteSetting { key } => {
             if delete::<Setting>(conn, key)? {
                 Ok(Outcome::Done)

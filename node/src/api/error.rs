@@ -87,6 +87,11 @@ impl From<CommandError> for ApiError {
             C::TemplateUnknown { .. } => (StatusCode::NOT_FOUND, "template_unknown"),
             C::AffinityGroupUnknown { .. } => (StatusCode::NOT_FOUND, "affinity_group_unknown"),
             C::InUse { .. } => (StatusCode::CONFLICT, "in_use"),
+            C::NetworkUnknown { .. } => (StatusCode::NOT_FOUND, "network_unknown"),
+            C::SecurityGroupUnknown { .. } => (StatusCode::NOT_FOUND, "security_group_unknown"),
+            C::RuleUnknown { .. } => (StatusCode::NOT_FOUND, "rule_unknown"),
+            C::AddressInUse { .. } => (StatusCode::CONFLICT, "address_in_use"),
+            C::NetworkFull { .. } => (StatusCode::CONFLICT, "network_full"),
             C::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
             C::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };

@@ -259,11 +259,22 @@ pub enum VmBoot {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmNicRequest {
-    /// An existing bridge on the hosts, e.g. `br0`.
+    /// A guest network (name or id): the NIC gets an address on it by DHCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// An existing bridge on the hosts, e.g. `br0` (instead of a network).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub bridge: String,
     /// Allocated from 52:54:00:… when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// A fixed address on the network; leased from the network's free addresses when not
+    /// given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Security groups (names or ids). None: every inbound packet is dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 fn default_true() -> bool {

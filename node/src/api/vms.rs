@@ -83,6 +83,9 @@ pub(crate) fn create_vm_command(
                 .map(|n| NicSpec {
                     bridge: n.bridge,
                     mac: n.mac,
+                    network: n.network,
+                    ip: n.ip,
+                    security_groups: n.security_groups,
                 })
                 .collect(),
             cloud_init: CloudInit {

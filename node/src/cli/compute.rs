@@ -126,7 +126,8 @@ pub struct VmCreateArgs {
     /// Add an empty data disk of this size (repeatable), e.g. 5G.
     #[arg(long = "data-disk", value_parser = parse_gib)]
     pub data_disks: Vec<u64>,
-    /// Add a NIC on a host bridge (repeatable): BRIDGE or BRIDGE,mac=MAC.
+    /// Add a NIC (repeatable): NETWORK[,ip=IP][,sg=G1+G2][,mac=MAC] on a guest network,
+    /// or bridge=BRIDGE[,mac=MAC] on an existing host bridge.
     #[arg(long = "nic", value_parser = parse_nic)]
     pub nics: Vec<VmNicRequest>,
     /// cloud-init user data file.
@@ -245,32 +246,63 @@ impl From<FormatArg> for TemplateFormat {
     }
 }
 
-/// Parses `BRIDGE` or `BRIDGE,mac=MAC`.
+const NIC_SYNTAX: &str =
+    "use NETWORK[,ip=IP][,sg=GROUP[+GROUP…]][,mac=MAC] or bridge=BRIDGE[,mac=MAC]";
+
+/// Parses a `--nic`: `NETWORK[,ip=IP][,sg=G1+G2][,mac=MAC]` for a guest network, or
+/// `bridge=BRIDGE[,mac=MAC]` for an existing host bridge.
 pub fn parse_nic(text: &str) -> Result<VmNicRequest, String> {
-    let mut parts = text.split(',');
-    let bridge = parts.next().unwrap_or_default().trim();
-    if bridge.is_empty() || bridge.contains('=') {
-        return Err(format!(
-            "{text:?} does not start with a bridge name: use BRIDGE or BRIDGE,mac=MAC"
-        ));
-    }
-    let mut mac = None;
-    for part in parts {
+    let mut nic = VmNicRequest {
+        network: None,
+        bridge: String::new(),
+        mac: None,
+        ip: None,
+        security_groups: Vec::new(),
+    };
+    for (i, part) in text.split(',').enumerate() {
+        let part = part.trim();
+        let dup = |set: bool| {
+            if set {
+                Err(format!("{text:?}: {part:?} is given twice: {NIC_SYNTAX}"))
+            } else {
+                Ok(())
+            }
+        };
         match part.split_once('=') {
-            Some(("mac", value)) if mac.is_none() && !value.trim().is_empty() => {
-                mac = Some(value.trim().to_string());
+            None if i == 0 && !part.is_empty() => nic.network = Some(part.to_string()),
+            Some(("bridge", v)) if !v.trim().is_empty() => {
+                dup(!nic.bridge.is_empty())?;
+                nic.bridge = v.trim().to_string();
+            }
+            Some(("mac", v)) if !v.trim().is_empty() => {
+                dup(nic.mac.is_some())?;
+                nic.mac = Some(v.trim().to_string());
+            }
+            Some(("ip", v)) if !v.trim().is_empty() => {
+                dup(nic.ip.is_some())?;
+                nic.ip = Some(v.trim().to_string());
+            }
+            Some(("sg", v)) if !v.trim().is_empty() => {
+                dup(!nic.security_groups.is_empty())?;
+                nic.security_groups = v.split('+').map(|g| g.trim().to_string()).collect();
             }
             _ => {
                 return Err(format!(
-                    "{text:?}: {part:?} is not understood: use BRIDGE or BRIDGE,mac=MAC"
+                    "{text:?}: {part:?} is not understood: {NIC_SYNTAX}"
                 ))
             }
         }
     }
-    Ok(VmNicRequest {
-        bridge: bridge.to_string(),
-        mac,
-    })
+    match (&nic.network, nic.bridge.is_empty()) {
+        (Some(_), false) => Err(format!(
+            "{text:?}: a NIC is on a network or on a bridge, not both: {NIC_SYNTAX}"
+        )),
+        (None, true) => Err(format!("{text:?} names no network: {NIC_SYNTAX}")),
+        (None, false) if nic.ip.is_some() || !nic.security_groups.is_empty() => Err(format!(
+            "{text:?}: ip= and sg= apply to NICs on a guest network: {NIC_SYNTAX}"
+        )),
+        _ => Ok(nic),
+    }
 }
 
 fn looks_like_ssh_key(text: &str) -> bool {
@@ -1003,24 +1035,46 @@ mod tests {
 
     #[test]
     fn nics_parse() {
+        let nic = |network: Option<&str>,
+                   bridge: &str,
+                   mac: Option<&str>,
+                   ip: Option<&str>,
+                   sg: &[&str]| VmNicRequest {
+            network: network.map(Into::into),
+            bridge: bridge.into(),
+            mac: mac.map(Into::into),
+            ip: ip.map(Into::into),
+            security_groups: sg.iter().map(|g| g.to_string()).collect(),
+        };
         assert_eq!(
-            parse_nic("br0"),
-            Ok(VmNicRequest {
-                bridge: "br0".into(),
-                mac: None
-            })
+            parse_nic("blue"),
+            Ok(nic(Some("blue"), "", None, None, &[]))
         );
         assert_eq!(
-            parse_nic("br1,mac=52:54:00:aa:bb:cc"),
-            Ok(VmNicRequest {
-                bridge: "br1".into(),
-                mac: Some("52:54:00:aa:bb:cc".into())
-            })
+            parse_nic("blue,ip=10.0.0.5,sg=web+ssh,mac=52:54:00:aa:bb:cc"),
+            Ok(nic(
+                Some("blue"),
+                "",
+                Some("52:54:00:aa:bb:cc"),
+                Some("10.0.0.5"),
+                &["web", "ssh"]
+            ))
         );
-        assert!(parse_nic("").is_err());
-        assert!(parse_nic("mac=52:54:00:aa:bb:cc").is_err());
-        assert!(parse_nic("br0,vlan=5").is_err());
-        assert!(parse_nic("br0,mac=").is_err());
+        assert_eq!(
+            parse_nic("bridge=br1,mac=52:54:00:aa:bb:cc"),
+            Ok(nic(None, "br1", Some("52:54:00:aa:bb:cc"), None, &[]))
+        );
+        for bad in [
+            "",
+            "mac=52:54:00:aa:bb:cc",
+            "blue,vlan=5",
+            "blue,mac=",
+            "blue,bridge=br0",
+            "bridge=br0,ip=10.0.0.5",
+            "blue,ip=1.2.3.4,ip=1.2.3.5",
+        ] {
+            assert!(parse_nic(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]
@@ -1068,9 +1122,9 @@ mod tests {
             "--data-disk",
             "10240",
             "--nic",
-            "br0",
+            "bridge=br0",
             "--nic",
-            "br1,mac=52:54:00:aa:bb:cc",
+            "bridge=br1,mac=52:54:00:aa:bb:cc",
             "--ssh-key",
             "ssh-ed25519 AAAA me",
             "--affinity-group",
