@@ -1,10 +1,12 @@
 //! The `keel` command line. Every command but `serve` talks to the node service on this
 //! server through its admin socket (`--socket`, default /run/keel/keel.sock).
 //!
-//! VMs, operations and templates live in [`compute`]; size and duration parsers in
-//! [`size`].
+//! VMs, operations and templates live in [`compute`]; guest networks, security groups
+//! and node network roles in [`network`]; size and duration parsers in [`size`].
 
 mod compute;
+mod floating;
+mod network;
 mod size;
 
 use std::net::SocketAddr;
@@ -56,6 +58,15 @@ pub enum Cmd {
     /// Upload, import and manage the disk images VMs boot from.
     #[command(subcommand)]
     Template(compute::TemplateCmd),
+    /// Create and inspect guest networks (isolated VXLAN segments with DHCP and DNS).
+    #[command(subcommand)]
+    Net(network::NetCmd),
+    /// Security groups: the allow rules of VM NICs on guest networks.
+    #[command(subcommand)]
+    Sg(network::SgCmd),
+    /// Floating IPs: public addresses NATed to VMs on external networks.
+    #[command(subcommand)]
+    Fip(floating::FipCmd),
     /// Tools for benchmarks and diagnosis.
     #[command(subcommand, hide = true)]
     Debug(DebugCmd),
@@ -141,6 +152,10 @@ pub enum NodeCmd {
     },
     /// Let a drained node take VMs again.
     Undrain { node: String },
+    /// Which interface of a node carries management, storage, guest-underlay and public
+    /// traffic.
+    #[command(subcommand)]
+    Network(network::NodeNetworkCmd),
 }
 
 impl ServeArgs {
@@ -306,6 +321,10 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
             };
             compute::run_drain(&client, output, &node, false, &wait).await
         }
+        Cmd::Node(NodeCmd::Network(cmd)) => network::run_node_network(&client, output, cmd).await,
+        Cmd::Net(cmd) => network::run_net(&client, output, cmd).await,
+        Cmd::Sg(cmd) => network::run_sg(&client, output, cmd).await,
+        Cmd::Fip(cmd) => floating::run(&client, output, cmd).await,
         Cmd::Op(cmd) => compute::run_op(&client, output, cmd).await,
         Cmd::Template(cmd) => compute::run_template(&client, output, cmd).await,
         Cmd::Debug(DebugCmd::BenchRaft { count, concurrency }) => {

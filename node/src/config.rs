@@ -92,6 +92,7 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     pub duties: DutyTuning,
     pub compute: ComputeConfig,
+    pub network: NetworkConfig,
 }
 
 impl Default for NodeConfig {
@@ -107,6 +108,34 @@ impl Default for NodeConfig {
             raft: RaftTuning::default(),
             duties: DutyTuning::default(),
             compute: ComputeConfig::default(),
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+/// This host's guest-network service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Where router namespaces are kept (bind-mounted nsfs files). Default:
+    /// `<data_dir>/run/netns`.
+    pub netns_dir: Option<PathBuf>,
+    /// Per-network dnsmasq files. Default: `<data_dir>/run/dnsmasq`.
+    pub dnsmasq_dir: Option<PathBuf>,
+    pub dnsmasq_binary: PathBuf,
+    pub nft_binary: PathBuf,
+    /// How often the host's networks are re-checked even when nothing changed.
+    pub resync_interval_ms: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            netns_dir: None,
+            dnsmasq_dir: None,
+            dnsmasq_binary: PathBuf::from("/usr/sbin/dnsmasq"),
+            nft_binary: PathBuf::from("/usr/sbin/nft"),
+            resync_interval_ms: 10_000,
         }
     }
 }
@@ -164,6 +193,20 @@ impl NodeConfig {
             .images_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("images"))
+    }
+
+    pub fn netns_dir(&self) -> PathBuf {
+        self.network
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("run/netns"))
+    }
+
+    pub fn dnsmasq_dir(&self) -> PathBuf {
+        self.network
+            .dnsmasq_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("run/dnsmasq"))
     }
 
     /// Checks what serde cannot.

@@ -103,11 +103,21 @@ fn nics() -> Vec<Nic> {
                 .iter()
                 .filter(|a| a.interface_name == name)
                 .filter_map(|a| {
+                    // `address/prefix`, as `ip addr` shows it: the prefix says which
+                    // network the address is on (validated host network roles need it).
                     let addr = a.address.as_ref()?;
+                    let mask = a.netmask.as_ref();
                     if let Some(v4) = addr.as_sockaddr_in() {
-                        Some(v4.ip().to_string())
+                        let len = mask
+                            .and_then(|m| m.as_sockaddr_in())
+                            .map_or(32, |m| u32::from(m.ip()).count_ones());
+                        Some(format!("{}/{len}", v4.ip()))
                     } else {
-                        addr.as_sockaddr_in6().map(|v6| v6.ip().to_string())
+                        let v6 = addr.as_sockaddr_in6()?;
+                        let len = mask
+                            .and_then(|m| m.as_sockaddr_in6())
+                            .map_or(128, |m| u128::from(m.ip()).count_ones());
+                        Some(format!("{}/{len}", v6.ip()))
                     }
                 })
                 .collect();

@@ -27,6 +27,11 @@ use crate::compute::reconciler::ComputeHost;
 use crate::compute::transfer::{NodeHostServices, PeerTemplateSource};
 use crate::config::{ConfigError, NodeConfig};
 use crate::duties::{self, DutyStatus};
+use crate::network::dnsmasq::Dnsmasq;
+use crate::network::netlink::Netlink;
+use crate::network::nft::Nftables;
+use crate::network::nft_nat::NftNat;
+use crate::network::reconciler::{NetworkAdapters, NetworkHost};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -64,6 +69,12 @@ pub enum ServeError {
         path: PathBuf,
         #[source]
         source: crate::compute::images::ImageError,
+    },
+    #[error("guest networks cannot use {path}")]
+    Network {
+        path: PathBuf,
+        #[source]
+        source: Box<crate::network::links::LinkError>,
     },
     #[error("could not set up TLS for the API")]
     Tls(#[source] keel_cluster::tls::TlsError),
@@ -303,6 +314,28 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     }));
     if let Some(compute) = compute {
         tokio::spawn(compute.run(shutdown.clone()));
+    }
+    // Guest networks: only hosts that run VMs build them.
+    if !config.witness {
+        let links = Netlink::new(config.netns_dir()).map_err(|source| ServeError::Network {
+            path: config.netns_dir(),
+            source: Box::new(source),
+        })?;
+        let network = Arc::new(NetworkHost {
+            db: db.clone(),
+            adapters: NetworkAdapters {
+                links: Arc::new(links),
+                dhcp: Arc::new(Dnsmasq::new(
+                    config.dnsmasq_dir(),
+                    config.network.dnsmasq_binary.clone(),
+                )),
+                firewall: Arc::new(Nftables::new(config.network.nft_binary.clone())),
+                nat: Arc::new(NftNat::new(config.network.nft_binary.clone())),
+            },
+            resync: Duration::from_millis(config.network.resync_interval_ms),
+            status: Default::default(),
+        });
+        tokio::spawn(network.run(shutdown.clone()));
     }
     tokio::spawn(agent(
         db.clone(),

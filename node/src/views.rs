@@ -6,14 +6,20 @@ use keel_cluster::model::compute::{
     AffinityGroup, AffinityPolicy, BootSource, ImageFormat, OpKind, OpState, Operation,
     PowerIntent, RunState, Template, Vm,
 };
+use keel_cluster::model::network::{
+    Direction, HostNetworks, IpLease, NetRole, Network, RuleProtocol as ModelProtocol, RuleRemote,
+    SecurityGroup, SecurityRule,
+};
 use keel_cluster::model::{ClusterInfo, Host};
 use keel_cluster::ClusterDb;
 use openraft::ServerState;
 
 use crate::api::types::{
-    AffinityGroupView, ClusterView, DiskView, GroupPolicy, HostView, HypervisorView, InventoryView,
-    MemberView, NicView, OperationView, TemplateFormat, TemplateView, VmBoot, VmDetailView,
-    VmNicView, VmObservedView, VmView,
+    AffinityGroupView, ClusterView, DiskView, GroupPolicy, HostNetworkView, HostNetworksView,
+    HostView, HypervisorView, InventoryView, MemberView, NetworkDetailView, NetworkLeaseView,
+    NetworkView, NicView, OperationView, RuleDirection, RuleProtocol, SecurityGroupView,
+    SecurityRuleView, TemplateFormat, TemplateView, VmBoot, VmDetailView, VmNicView,
+    VmObservedView, VmView,
 };
 
 fn state_name(state: ServerState) -> &'static str {
@@ -249,6 +255,8 @@ pub fn recent_operations(mut ops: Vec<Operation>, limit: usize) -> Vec<Operation
 pub struct ComputeNames {
     hosts: HashMap<u64, String>,
     templates: HashMap<String, String>,
+    networks: HashMap<String, String>,
+    groups: HashMap<String, String>,
 }
 
 impl ComputeNames {
@@ -259,7 +267,22 @@ impl ComputeNames {
                 .iter()
                 .map(|t| (t.id.clone(), t.name.clone()))
                 .collect(),
+            networks: HashMap::new(),
+            groups: HashMap::new(),
         }
+    }
+
+    /// Adds the names of guest networks and security groups (for the VMs' NICs).
+    pub fn with_networking(mut self, networks: &[Network], groups: &[SecurityGroup]) -> Self {
+        self.networks = networks
+            .iter()
+            .map(|n| (n.id.clone(), n.name.clone()))
+            .collect();
+        self.groups = groups
+            .iter()
+            .map(|g| (g.id.clone(), g.name.clone()))
+            .collect();
+        self
     }
 }
 
@@ -292,6 +315,20 @@ pub fn vm_view(vm: &Vm, names: &ComputeNames) -> VmView {
             .map(|n| VmNicView {
                 bridge: n.bridge.clone(),
                 mac: n.mac.clone().unwrap_or_default(),
+                network: n.network.as_ref().map(|id| {
+                    names
+                        .networks
+                        .get(id)
+                        .cloned()
+                        .unwrap_or_else(|| id.clone())
+                }),
+                network_id: n.network.clone(),
+                ip: n.ip.clone(),
+                security_groups: n
+                    .security_groups
+                    .iter()
+                    .map(|id| names.groups.get(id).cloned().unwrap_or_else(|| id.clone()))
+                    .collect(),
             })
             .collect(),
         affinity_group: vm.spec.affinity_group.clone(),
@@ -387,6 +424,197 @@ pub fn affinity_group_views(groups: Vec<AffinityGroup>, vms: &[Vm]) -> Vec<Affin
             }
         })
         .collect()
+}
+
+// ---- networking -------------------------------------------------------------------------
+
+/// A network with the number of its leases.
+pub fn network_view(n: &Network, ports: usize) -> NetworkView {
+    NetworkView {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        cidr: n.cidr.to_string(),
+        gateway: n.gateway.to_string(),
+        dns_domain: n.dns_domain.clone(),
+        vni: n.vni,
+        mtu: n.mtu,
+        external: n.external,
+        ports,
+        created_at_ms: n.created_at_ms,
+    }
+}
+
+/// Every network, by name, with how many addresses it has leased.
+pub fn network_views(networks: &[Network], leases: &[IpLease]) -> Vec<NetworkView> {
+    let mut ports: HashMap<&str, usize> = HashMap::new();
+    for l in leases {
+        *ports.entry(l.network_id.as_str()).or_default() += 1;
+    }
+    let mut views: Vec<NetworkView> = networks
+        .iter()
+        .map(|n| network_view(n, ports.get(n.id.as_str()).copied().unwrap_or(0)))
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    views
+}
+
+/// A network with its leases (in address order), each with its VM and the VM's host.
+pub fn network_detail_view(
+    n: &Network,
+    leases: &[IpLease],
+    vms: &[Vm],
+    hosts: &[Host],
+) -> NetworkDetailView {
+    let vms: HashMap<&str, &Vm> = vms.iter().map(|v| (v.id.as_str(), v)).collect();
+    let hosts: HashMap<u64, &str> = hosts.iter().map(|h| (h.id, h.name.as_str())).collect();
+    NetworkDetailView {
+        network: network_view(n, leases.len()),
+        leases: leases
+            .iter()
+            .map(|l| {
+                let vm = vms.get(l.vm_id.as_str());
+                let host_id = vm.and_then(|v| v.host);
+                NetworkLeaseView {
+                    ip: l.ip.to_string(),
+                    mac: l.mac.clone(),
+                    vm_id: l.vm_id.clone(),
+                    vm_name: vm.map(|v| v.name.clone()),
+                    host_id,
+                    host_name: host_id.and_then(|h| hosts.get(&h).map(|n| n.to_string())),
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn rule_direction(d: Direction) -> RuleDirection {
+    match d {
+        Direction::Ingress => RuleDirection::Ingress,
+        Direction::Egress => RuleDirection::Egress,
+    }
+}
+
+pub fn model_direction(d: RuleDirection) -> Direction {
+    match d {
+        RuleDirection::Ingress => Direction::Ingress,
+        RuleDirection::Egress => Direction::Egress,
+    }
+}
+
+pub fn rule_protocol(p: ModelProtocol) -> RuleProtocol {
+    match p {
+        ModelProtocol::Tcp => RuleProtocol::Tcp,
+        ModelProtocol::Udp => RuleProtocol::Udp,
+        ModelProtocol::Icmp => RuleProtocol::Icmp,
+        ModelProtocol::Any => RuleProtocol::Any,
+    }
+}
+
+pub fn model_protocol(p: RuleProtocol) -> ModelProtocol {
+    match p {
+        RuleProtocol::Tcp => ModelProtocol::Tcp,
+        RuleProtocol::Udp => ModelProtocol::Udp,
+        RuleProtocol::Icmp => ModelProtocol::Icmp,
+        RuleProtocol::Any => ModelProtocol::Any,
+    }
+}
+
+/// A rule, its remote group named by `group_names` (id → name).
+pub fn security_rule_view(r: &SecurityRule, group_names: &HashMap<&str, &str>) -> SecurityRuleView {
+    let (remote_cidr, remote_group, remote_group_id) = match &r.remote {
+        RuleRemote::Cidr { cidr } => (Some(cidr.to_string()), None, None),
+        RuleRemote::Group { group } => (
+            None,
+            Some(
+                group_names
+                    .get(group.as_str())
+                    .map_or_else(|| group.clone(), |n| n.to_string()),
+            ),
+            Some(group.clone()),
+        ),
+    };
+    SecurityRuleView {
+        id: r.id.clone(),
+        direction: rule_direction(r.direction),
+        protocol: rule_protocol(r.protocol),
+        port_min: r.port_min,
+        port_max: r.port_max,
+        remote_cidr,
+        remote_group,
+        remote_group_id,
+    }
+}
+
+/// Security groups by name, with their rules and the VMs that have a NIC in them. `all`
+/// names the remote groups of the rules.
+pub fn security_group_views(
+    groups: &[SecurityGroup],
+    all: &[SecurityGroup],
+    vms: &[Vm],
+) -> Vec<SecurityGroupView> {
+    let names: HashMap<&str, &str> = all
+        .iter()
+        .map(|g| (g.id.as_str(), g.name.as_str()))
+        .collect();
+    let mut views: Vec<SecurityGroupView> = groups
+        .iter()
+        .map(|g| {
+            let mut members: Vec<String> = vms
+                .iter()
+                .filter(|vm| {
+                    vm.spec
+                        .nics
+                        .iter()
+                        .any(|n| n.security_groups.contains(&g.id))
+                })
+                .map(|vm| vm.name.clone())
+                .collect();
+            members.sort();
+            SecurityGroupView {
+                id: g.id.clone(),
+                name: g.name.clone(),
+                rules: g
+                    .rules
+                    .iter()
+                    .map(|r| security_rule_view(r, &names))
+                    .collect(),
+                vms: members,
+                revision: g.revision,
+                created_at_ms: g.created_at_ms,
+            }
+        })
+        .collect();
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    views
+}
+
+/// How a role is written in paths and views: `guest-underlay`.
+pub fn net_role_name(role: NetRole) -> String {
+    role.as_str().replace('_', "-")
+}
+
+/// A host's physical networks (`nets`, as `host_networks` computes them); roles missing
+/// from the stored record (`stored`) are marked derived.
+pub fn host_networks_view(
+    host: &Host,
+    nets: &HostNetworks,
+    stored: Option<&HostNetworks>,
+) -> HostNetworksView {
+    HostNetworksView {
+        host_id: host.id,
+        host_name: host.name.clone(),
+        networks: nets
+            .roles
+            .iter()
+            .map(|(role, net)| HostNetworkView {
+                role: net_role_name(*role),
+                interface: net.interface.clone(),
+                address: net.address.to_string(),
+                gateway: net.gateway.map(|g| g.to_string()),
+                derived: !stored.is_some_and(|s| s.roles.contains_key(role)),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -492,6 +720,106 @@ mod tests {
             "the VM view is flattened into the detail"
         );
         assert_eq!(json["ssh_keys"][0], "ssh-ed25519 AAAA me");
+    }
+
+    #[test]
+    fn nics_leases_and_rules_are_shown_by_name() {
+        use keel_cluster::model::compute::NicSpec;
+        use keel_cluster::model::network::{Ipv4Cidr, PhysicalNetwork};
+        let blue = Network {
+            id: "n-1".into(),
+            name: "blue".into(),
+            cidr: Ipv4Cidr::parse("10.0.0.0/24", true).unwrap(),
+            gateway: "10.0.0.1".parse().unwrap(),
+            dns_domain: "blue.internal".into(),
+            vni: 4096,
+            mtu: 1450,
+            external: false,
+            created_at_ms: 1,
+        };
+        let group = |id: &str, name: &str, rules| SecurityGroup {
+            id: id.into(),
+            name: name.into(),
+            rules,
+            created_at_ms: 1,
+            revision: 1,
+        };
+        let web = group("g-1", "web", vec![]);
+        let db = group(
+            "g-2",
+            "db",
+            vec![SecurityRule {
+                id: "r-1".into(),
+                direction: Direction::Ingress,
+                protocol: ModelProtocol::Tcp,
+                port_min: Some(5432),
+                port_max: Some(5432),
+                remote: RuleRemote::Group {
+                    group: "g-1".into(),
+                },
+            }],
+        );
+        let mut v = vm();
+        v.host = Some(2);
+        v.spec.nics = vec![NicSpec {
+            bridge: "kbr4096".into(),
+            mac: Some("52:54:00:00:00:01".into()),
+            network: Some("n-1".into()),
+            ip: Some("10.0.0.2".into()),
+            security_groups: vec!["g-1".into()],
+        }];
+        let names = ComputeNames::new(&[], &[])
+            .with_networking(std::slice::from_ref(&blue), std::slice::from_ref(&web));
+        let nic = &vm_view(&v, &names).nics[0];
+        assert_eq!(nic.network.as_deref(), Some("blue"));
+        assert_eq!(nic.network_id.as_deref(), Some("n-1"));
+        assert_eq!(nic.ip.as_deref(), Some("10.0.0.2"));
+        assert_eq!(nic.security_groups, ["web"]);
+
+        let lease = IpLease {
+            network_id: "n-1".into(),
+            ip: "10.0.0.2".parse().unwrap(),
+            vm_id: "id-1".into(),
+            mac: "52:54:00:00:00:01".into(),
+        };
+        let list = network_views(std::slice::from_ref(&blue), std::slice::from_ref(&lease));
+        assert_eq!((list[0].ports, list[0].cidr.as_str()), (1, "10.0.0.0/24"));
+        let d = network_detail_view(&blue, &[lease], std::slice::from_ref(&v), &[]);
+        assert_eq!(d.leases[0].vm_name.as_deref(), Some("web-1"));
+        assert_eq!(d.leases[0].host_id, Some(2));
+        assert_eq!(d.leases[0].host_name, None, "host 2 unknown here");
+
+        let all = [web.clone(), db.clone()];
+        let views = security_group_views(&all, &all, &[v]);
+        assert_eq!(views[0].name, "db", "sorted by name");
+        assert_eq!(views[0].rules[0].remote_group.as_deref(), Some("web"));
+        assert_eq!(views[0].rules[0].remote_group_id.as_deref(), Some("g-1"));
+        assert_eq!(views[1].vms, ["web-1"]);
+
+        let pn = |iface: &str| PhysicalNetwork {
+            interface: iface.into(),
+            address: Ipv4Cidr::parse("192.0.2.10/24", false).unwrap(),
+            gateway: None,
+        };
+        let stored = HostNetworks {
+            host_id: 1,
+            roles: [(NetRole::Public, pn("eth1"))].into(),
+        };
+        let mut nets = stored.clone();
+        nets.roles.insert(NetRole::GuestUnderlay, pn("eth0"));
+        let host: Host = serde_json::from_value(serde_json::json!({
+            "id": 1, "name": "node-1", "zone": "z", "compute_cluster": "c",
+            "peer_addr": "192.0.2.10:7400", "api_addr": "192.0.2.10:8443",
+            "witness": false, "health": "up", "health_since_ms": 0, "joined_at_ms": 0,
+        }))
+        .expect("host");
+        let view = host_networks_view(&host, &nets, Some(&stored));
+        let roles: Vec<(&str, bool)> = view
+            .networks
+            .iter()
+            .map(|n| (n.role.as_str(), n.derived))
+            .collect();
+        assert_eq!(roles, [("guest-underlay", true), ("public", false)]);
     }
 
     #[test]

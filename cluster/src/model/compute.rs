@@ -79,7 +79,7 @@ pub fn validate_setting_value(key: &str, value: &str) -> Result<(), CommandError
             "spread" | "pack" => Ok(()),
             _ => Err(invalid(format!("{value:?} must be `spread` or `pack`"))),
         },
-        _ => Ok(()),
+        _ => super::network::validate_setting_value(key, value),
     }
 }
 

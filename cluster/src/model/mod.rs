@@ -466,6 +466,8 @@ pub enum CommandError {
     AddressInUse { network: String, ip: String },
     #[error("network {network} ({cidr}) has no free address left: delete VMs or NICs on it, or create a larger network")]
     NetworkFull { network: String, cidr: String },
+    #[error("floating IP {ip} is not allocated: `keel fip list` shows the allocated ones")]
+    FloatingIpUnknown { ip: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("the state store failed while applying: {detail}")]

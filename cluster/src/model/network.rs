@@ -209,11 +209,16 @@ impl Record for HostNetworks {
 /// A host's physical networks: the roles it was given, and for the management and guest
 /// underlay roles, when none was given, the interface carrying its peer address.
 pub fn host_networks(conn: &Connection, host: &Host) -> Result<HostNetworks, CommandError> {
-    let mut nets =
-        read::<HostNetworks>(conn, &format!("{:020}", host.id))?.unwrap_or_else(|| HostNetworks {
-            host_id: host.id,
-            roles: BTreeMap::new(),
-        });
+    let stored = read::<HostNetworks>(conn, &format!("{:020}", host.id))?;
+    Ok(host_networks_from(host, stored))
+}
+
+/// [`host_networks`] from records already read.
+pub fn host_networks_from(host: &Host, stored: Option<HostNetworks>) -> HostNetworks {
+    let mut nets = stored.unwrap_or_else(|| HostNetworks {
+        host_id: host.id,
+        roles: BTreeMap::new(),
+    });
     let peer_ip = host
         .peer_addr
         .parse::<std::net::SocketAddr>()
@@ -226,12 +231,9 @@ pub fn host_networks(conn: &Connection, host: &Host) -> Result<HostNetworks, Com
         let found = inv.nics.iter().find_map(|nic| {
             nic.addresses.iter().find_map(|a| {
                 let cidr = Ipv4Cidr::parse(a, false).ok()?;
-                (a.split('/').next()? == ip.to_string()).then(|| PhysicalNetwork {
+                (cidr.addr == ip).then(|| PhysicalNetwork {
                     interface: nic.name.clone(),
-                    address: Ipv4Cidr {
-                        addr: ip,
-                        prefix_len: cidr.prefix_len,
-                    },
+                    address: cidr,
                     gateway: None,
                 })
             })
@@ -242,7 +244,7 @@ pub fn host_networks(conn: &Connection, host: &Host) -> Result<HostNetworks, Com
             }
         }
     }
-    Ok(nets)
+    nets
 }
 
 /// The MTU of the interface a host uses for `role`, as last reported.
@@ -575,6 +577,17 @@ pub(super) fn release_nic(conn: &Connection, nic: &NicSpec) -> Result<(), Comman
     if let (Some(net), Some(ip)) = (&nic.network, &nic.ip) {
         if let Ok(ip) = ip.parse::<Ipv4Addr>() {
             delete::<IpLease>(conn, &lease_key(net, ip))?;
+            // A floating IP pointing at the NIC is detached (kept allocated).
+            for mut fip in list::<FloatingIp>(conn).map_err(store_err)? {
+                if fip
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.network_id == *net && t.private_ip == ip)
+                {
+                    fip.target = None;
+                    put(conn, &fip)?;
+                }
+            }
         }
     }
     Ok(())
@@ -711,6 +724,89 @@ fn validate_rule(conn: &Connection, rule: &mut SecurityRule) -> Result<(), Comma
     Ok(())
 }
 
+// ---- floating IPs -----------------------------------------------------------------------
+
+/// The public addresses floating IPs come from: `FIRST-LAST` (inclusive), on the hosts'
+/// public network.
+pub const FLOATING_IP_RANGE: &str = "network.floating-ip-range";
+
+/// Checks the value of a `network.*` setting; other keys pass.
+pub fn validate_setting_value(key: &str, value: &str) -> Result<(), CommandError> {
+    if key == FLOATING_IP_RANGE {
+        parse_range(value).map_err(|reason| CommandError::Invalid {
+            field: format!("setting {key}"),
+            reason,
+        })?;
+    }
+    Ok(())
+}
+
+fn parse_range(text: &str) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+    let bad = || format!("{text:?} must be a range of IPv4 addresses like 192.0.2.10-192.0.2.50");
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+    let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+    if u32::from(b) < u32::from(a) || u32::from(b) - u32::from(a) > 65535 {
+        return Err(format!(
+            "{text:?} must go from low to high and hold at most 65536 addresses"
+        ));
+    }
+    Ok((a, b))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardProtocol {
+    Tcp,
+    Udp,
+}
+
+/// One forwarded port of a floating IP.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortForward {
+    pub protocol: ForwardProtocol,
+    pub public_port: u16,
+    pub private_port: u16,
+}
+
+/// Where a floating IP points: a VM NIC on an external network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FipTarget {
+    pub vm_id: String,
+    pub network_id: String,
+    pub private_ip: Ipv4Addr,
+    /// Empty: 1:1 NAT (every port, both ways). Otherwise only these ports come in.
+    pub ports: Vec<PortForward>,
+}
+
+/// A public address from the floating-IP range, attached to a VM or free.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FloatingIp {
+    pub ip: Ipv4Addr,
+    pub target: Option<FipTarget>,
+    pub allocated_at_ms: u64,
+}
+impl Record for FloatingIp {
+    const KIND: &'static str = "floating_ip";
+    fn key(&self) -> String {
+        format!("{:010}", u32::from(self.ip))
+    }
+}
+
+fn require_fip(conn: &Connection, ip: Ipv4Addr) -> Result<FloatingIp, CommandError> {
+    read::<FloatingIp>(conn, &format!("{:010}", u32::from(ip)))?
+        .ok_or_else(|| CommandError::FloatingIpUnknown { ip: ip.to_string() })
+}
+
+/// Floating IPs attached to this VM (they must be detached before it is deleted).
+pub fn fips_of_vm(conn: &Connection, vm_id: &str) -> Result<Vec<FloatingIp>, CommandError> {
+    Ok(list::<FloatingIp>(conn)
+        .map_err(store_err)?
+        .into_iter()
+        .filter(|f| f.target.as_ref().is_some_and(|t| t.vm_id == vm_id))
+        .collect())
+}
+
 // ---- commands ---------------------------------------------------------------------------
 
 /// Network commands; see [`super::Command`] for how they are carried.
@@ -752,6 +848,25 @@ pub enum NetworkCommand {
         group: String,
         rule_id: String,
     },
+    /// Takes an address from the floating-IP range (`ip`: that one).
+    AllocateFloatingIp {
+        ip: Option<Ipv4Addr>,
+        now_ms: u64,
+    },
+    /// Points a floating IP at a VM's NIC on an external network.
+    AttachFloatingIp {
+        ip: Ipv4Addr,
+        vm: String,
+        /// The VM's network (name or id); `None`: its only external network.
+        network: Option<String>,
+        ports: Vec<PortForward>,
+    },
+    DetachFloatingIp {
+        ip: Ipv4Addr,
+    },
+    ReleaseFloatingIp {
+        ip: Ipv4Addr,
+    },
 }
 
 impl NetworkCommand {
@@ -764,6 +879,10 @@ impl NetworkCommand {
             NetworkCommand::DeleteSecurityGroup { .. } => "delete_security_group",
             NetworkCommand::AddSecurityRule { .. } => "add_security_rule",
             NetworkCommand::DeleteSecurityRule { .. } => "delete_security_rule",
+            NetworkCommand::AllocateFloatingIp { .. } => "allocate_floating_ip",
+            NetworkCommand::AttachFloatingIp { .. } => "attach_floating_ip",
+            NetworkCommand::DetachFloatingIp { .. } => "detach_floating_ip",
+            NetworkCommand::ReleaseFloatingIp { .. } => "release_floating_ip",
         }
     }
 }
@@ -1017,6 +1136,171 @@ pub(super) fn apply(conn: &Connection, command: &NetworkCommand) -> Result<Outco
             put(conn, &g)?;
             Ok(Outcome::Created { id: rule.id })
         }
+        NetworkCommand::AllocateFloatingIp { ip, now_ms } => {
+            let range = read::<super::Setting>(conn, FLOATING_IP_RANGE)?.ok_or_else(|| {
+                invalid(
+                    "floating IP",
+                    format!(
+                        "no floating-IP range is configured: set {FLOATING_IP_RANGE} to FIRST-LAST first"
+                    ),
+                )
+            })?;
+            let (first, last) =
+                parse_range(&range.value).map_err(|r| invalid("floating IP range", r))?;
+            let taken: BTreeSet<Ipv4Addr> = list::<FloatingIp>(conn)
+                .map_err(store_err)?
+                .into_iter()
+                .map(|f| f.ip)
+                .collect();
+            let ip = match ip {
+                Some(ip) => {
+                    if !(u32::from(first)..=u32::from(last)).contains(&u32::from(*ip)) {
+                        return Err(invalid(
+                            "floating IP",
+                            format!("{ip} is outside the floating-IP range {}", range.value),
+                        ));
+                    }
+                    if taken.contains(ip) {
+                        return Err(CommandError::NameTaken {
+                            kind: "floating IP".into(),
+                            name: ip.to_string(),
+                        });
+                    }
+                    *ip
+                }
+                None => (u32::from(first)..=u32::from(last))
+                    .map(Ipv4Addr::from)
+                    .find(|ip| !taken.contains(ip))
+                    .ok_or_else(|| {
+                        invalid(
+                            "floating IP",
+                            format!(
+                                "every address of {} is allocated: release one or widen the range",
+                                range.value
+                            ),
+                        )
+                    })?,
+            };
+            put(
+                conn,
+                &FloatingIp {
+                    ip,
+                    target: None,
+                    allocated_at_ms: *now_ms,
+                },
+            )?;
+            Ok(Outcome::Created { id: ip.to_string() })
+        }
+        NetworkCommand::AttachFloatingIp {
+            ip,
+            vm,
+            network,
+            ports,
+        } => {
+            let mut fip = require_fip(conn, *ip)?;
+            let vm = super::compute::find_vm(conn, vm)
+                .map_err(store_err)?
+                .ok_or_else(|| CommandError::VmUnknown { vm: vm.clone() })?;
+            if let Some(t) = &fip.target {
+                if t.vm_id != vm.id {
+                    return Err(CommandError::InUse {
+                        what: format!("floating IP {ip}"),
+                        users: vec![format!("VM {}", t.vm_id)],
+                    });
+                }
+            }
+            let wanted = match network {
+                Some(n) => Some(require_network(conn, n)?.id),
+                None => None,
+            };
+            let mut candidates = Vec::new();
+            for nic in &vm.spec.nics {
+                let (Some(net_id), Some(ip)) = (&nic.network, &nic.ip) else {
+                    continue;
+                };
+                if wanted.as_ref().is_some_and(|w| w != net_id) {
+                    continue;
+                }
+                let Some(net) = read::<Network>(conn, net_id)? else {
+                    continue;
+                };
+                if net.external {
+                    candidates.push((
+                        net,
+                        ip.parse::<Ipv4Addr>().map_err(|_| {
+                            invalid("ip", format!("VM {} has a bad address {ip}", vm.name))
+                        })?,
+                    ));
+                }
+            }
+            let (net, private_ip) = match candidates.len() {
+                1 => candidates.remove(0),
+                0 => {
+                    return Err(invalid(
+                        "floating IP",
+                        format!(
+                            "VM {} has no NIC on an external network{}: create the network with --external",
+                            vm.name,
+                            network.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
+                        ),
+                    ))
+                }
+                _ => {
+                    return Err(invalid(
+                        "floating IP",
+                        format!(
+                            "VM {} has NICs on several external networks: name one with --network",
+                            vm.name
+                        ),
+                    ))
+                }
+            };
+            let mut ports = ports.clone();
+            ports.sort();
+            for pair in ports.windows(2) {
+                if (pair[0].protocol, pair[0].public_port)
+                    == (pair[1].protocol, pair[1].public_port)
+                {
+                    return Err(invalid(
+                        "ports",
+                        format!("public port {} is forwarded twice", pair[0].public_port),
+                    ));
+                }
+            }
+            if ports
+                .iter()
+                .any(|p| p.public_port == 0 || p.private_port == 0)
+            {
+                return Err(invalid("ports", "ports are 1-65535"));
+            }
+            fip.target = Some(FipTarget {
+                vm_id: vm.id.clone(),
+                network_id: net.id.clone(),
+                private_ip,
+                ports,
+            });
+            put(conn, &fip)?;
+            Ok(Outcome::Done)
+        }
+        NetworkCommand::DetachFloatingIp { ip } => {
+            let mut fip = require_fip(conn, *ip)?;
+            if fip.target.take().is_none() {
+                return Ok(Outcome::Unchanged);
+            }
+            put(conn, &fip)?;
+            Ok(Outcome::Done)
+        }
+        NetworkCommand::ReleaseFloatingIp { ip } => {
+            let fip = require_fip(conn, *ip)?;
+            if let Some(t) = &fip.target {
+                return Err(CommandError::InUse {
+                    what: format!("floating IP {ip}"),
+                    users: vec![format!("VM {} (detach it first)", t.vm_id)],
+                });
+            }
+            delete::<FloatingIp>(conn, &fip.key())?;
+            Ok(Outcome::Done)
+        }
         NetworkCommand::DeleteSecurityRule { group, rule_id } => {
             let mut g = require_group(conn, group)?;
             // The whole id, or a prefix of at least 4 characters that names one rule.
@@ -1150,8 +1434,15 @@ impl NetworkView {
 
 /// Every guest network with its ports.
 pub fn network_views(conn: &Connection) -> Result<Vec<NetworkView>, CommandError> {
-    let mut views: BTreeMap<String, NetworkView> = list::<Network>(conn)
-        .map_err(store_err)?
+    Ok(network_views_from(
+        list::<Network>(conn).map_err(store_err)?,
+        &list::<Vm>(conn).map_err(store_err)?,
+    ))
+}
+
+/// [`network_views`] from records already read.
+pub fn network_views_from(networks: Vec<Network>, vms: &[Vm]) -> Vec<NetworkView> {
+    let mut views: BTreeMap<String, NetworkView> = networks
         .into_iter()
         .map(|n| {
             (
@@ -1163,7 +1454,7 @@ pub fn network_views(conn: &Connection) -> Result<Vec<NetworkView>, CommandError
             )
         })
         .collect();
-    for vm in list::<Vm>(conn).map_err(store_err)? {
+    for vm in vms {
         for nic in &vm.spec.nics {
             let (Some(net), Some(ip), Some(mac)) = (&nic.network, &nic.ip, &nic.mac) else {
                 continue;
@@ -1182,7 +1473,7 @@ pub fn network_views(conn: &Connection) -> Result<Vec<NetworkView>, CommandError
             });
         }
     }
-    Ok(views.into_values().collect())
+    views.into_values().collect()
 }
 
 #[cfg(test)]
@@ -1581,6 +1872,122 @@ mod tests {
             matches!(e, CommandError::SecurityGroupUnknown { .. }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn floating_ips_come_from_the_range_and_attach_to_external_nics() {
+        let conn = db();
+        let alloc = |ip: Option<&str>| {
+            net_cmd(
+                &conn,
+                NetworkCommand::AllocateFloatingIp {
+                    ip: ip.map(|i| i.parse().unwrap()),
+                    now_ms: 1,
+                },
+            )
+        };
+        let e = alloc(None).unwrap_err();
+        assert!(e.to_string().contains(FLOATING_IP_RANGE), "{e}");
+        apply_cmd(
+            &conn,
+            &Command::PutSetting {
+                key: FLOATING_IP_RANGE.into(),
+                value: "192.0.2.10-192.0.2.11".into(),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let e = apply_cmd(
+            &conn,
+            &Command::PutSetting {
+                key: FLOATING_IP_RANGE.into(),
+                value: "192.0.2.11-192.0.2.10".into(),
+                now_ms: 1,
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("low to high"), "{e}");
+        assert_eq!(
+            alloc(None).unwrap(),
+            Outcome::Created {
+                id: "192.0.2.10".into()
+            }
+        );
+        assert!(alloc(Some("192.0.2.10")).is_err(), "taken");
+        assert!(alloc(Some("192.0.2.99"))
+            .unwrap_err()
+            .to_string()
+            .contains("outside"));
+        alloc(Some("192.0.2.11")).unwrap();
+        assert!(alloc(None)
+            .unwrap_err()
+            .to_string()
+            .contains("every address"));
+
+        create_net(&conn, "inner", "10.0.0.0/24").unwrap();
+        net_cmd(
+            &conn,
+            NetworkCommand::CreateNetwork {
+                network_id: "id-outer".into(),
+                name: "outer".into(),
+                cidr: "10.1.0.0/24".into(),
+                gateway: None,
+                dns_domain: None,
+                mtu: None,
+                external: true,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        create_vm(&conn, "a", vec![on("inner")]).unwrap();
+        create_vm(&conn, "b", vec![on("inner"), on("outer")]).unwrap();
+        let attach = |vm: &str, ports: Vec<PortForward>| {
+            net_cmd(
+                &conn,
+                NetworkCommand::AttachFloatingIp {
+                    ip: "192.0.2.10".parse().unwrap(),
+                    vm: vm.into(),
+                    network: None,
+                    ports,
+                },
+            )
+        };
+        let e = attach("a", vec![]).unwrap_err();
+        assert!(e.to_string().contains("external network"), "{e}");
+        let fwd = |p, q| PortForward {
+            protocol: ForwardProtocol::Tcp,
+            public_port: p,
+            private_port: q,
+        };
+        let e = attach("b", vec![fwd(80, 8080), fwd(80, 8081)]).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+        attach("b", vec![fwd(80, 8080)]).unwrap();
+        let fip = require_fip(&conn, "192.0.2.10".parse().unwrap()).unwrap();
+        let t = fip.target.unwrap();
+        assert_eq!(t.network_id, "id-outer");
+        assert_eq!(t.private_ip.to_string(), "10.1.0.2");
+        let e = net_cmd(
+            &conn,
+            NetworkCommand::ReleaseFloatingIp {
+                ip: "192.0.2.10".parse().unwrap(),
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("detach it first"), "{e}");
+        // Deleting the VM's NIC detaches the floating IP; then it can be released.
+        let b = super::super::compute::find_vm(&conn, "b").unwrap().unwrap();
+        release_vm(&conn, &b).unwrap();
+        assert!(require_fip(&conn, "192.0.2.10".parse().unwrap())
+            .unwrap()
+            .target
+            .is_none());
+        net_cmd(
+            &conn,
+            NetworkCommand::ReleaseFloatingIp {
+                ip: "192.0.2.10".parse().unwrap(),
+            },
+        )
+        .unwrap();
     }
 
     #[test]

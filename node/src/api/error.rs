@@ -92,6 +92,7 @@ impl From<CommandError> for ApiError {
             C::RuleUnknown { .. } => (StatusCode::NOT_FOUND, "rule_unknown"),
             C::AddressInUse { .. } => (StatusCode::CONFLICT, "address_in_use"),
             C::NetworkFull { .. } => (StatusCode::CONFLICT, "network_full"),
+            C::FloatingIpUnknown { .. } => (StatusCode::NOT_FOUND, "floating_ip_unknown"),
             C::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
             C::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };

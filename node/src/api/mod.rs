@@ -11,7 +11,9 @@
 pub mod console;
 pub mod error;
 pub mod extract;
+pub mod floating_ips;
 mod handlers;
+mod networks;
 pub mod openapi;
 mod templates;
 pub mod types;
@@ -79,8 +81,57 @@ fn api_routes() -> Router<AppState> {
         .route("/api/v1/vms/{vm}/resize", post(vms::resize_vm))
         .route("/api/v1/vms/{vm}/console", get(console::vm_console))
         .route("/api/v1/vms/{vm}/migrate", post(vms::migrate_vm))
+        .route("/api/v1/vms/{vm}/nics", post(vms::attach_nic))
+        .route(
+            "/api/v1/vms/{vm}/nics/{mac}",
+            axum::routing::delete(vms::detach_nic),
+        )
         .route("/api/v1/hosts/{host}/drain", post(vms::drain_host))
         .route("/api/v1/hosts/{host}/undrain", post(vms::undrain_host))
+        .route(
+            "/api/v1/hosts/{host}/networks",
+            get(networks::get_host_networks),
+        )
+        .route(
+            "/api/v1/hosts/{host}/networks/{role}",
+            put(networks::set_host_network).delete(networks::clear_host_network),
+        )
+        .route(
+            "/api/v1/networks",
+            get(networks::list_networks).post(networks::create_network),
+        )
+        .route(
+            "/api/v1/networks/{network}",
+            get(networks::get_network).delete(networks::delete_network),
+        )
+        .route(
+            "/api/v1/security-groups",
+            get(networks::list_security_groups).post(networks::create_security_group),
+        )
+        .route(
+            "/api/v1/security-groups/{group}",
+            get(networks::get_security_group).delete(networks::delete_security_group),
+        )
+        .route(
+            "/api/v1/security-groups/{group}/rules",
+            post(networks::add_security_rule),
+        )
+        .route(
+            "/api/v1/security-groups/{group}/rules/{rule}",
+            axum::routing::delete(networks::delete_security_rule),
+        )
+        .route(
+            "/api/v1/floating-ips",
+            get(floating_ips::list_floating_ips).post(floating_ips::allocate_floating_ip),
+        )
+        .route(
+            "/api/v1/floating-ips/{ip}",
+            get(floating_ips::get_floating_ip).delete(floating_ips::release_floating_ip),
+        )
+        .route(
+            "/api/v1/floating-ips/{ip}/target",
+            put(floating_ips::attach_floating_ip).delete(floating_ips::detach_floating_ip),
+        )
         .route("/api/v1/operations", get(vms::list_operations))
         .route("/api/v1/operations/{id}", get(vms::get_operation))
         .route(

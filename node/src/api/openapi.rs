@@ -6,7 +6,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::types::*;
-use super::{console, handlers, templates, vms};
+use super::{console, floating_ips, handlers, networks, templates, vms};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -35,6 +35,8 @@ use super::{console, handlers, templates, vms};
         vms::resize_vm,
         vms::delete_vm,
         vms::migrate_vm,
+        vms::attach_nic,
+        vms::detach_nic,
         console::vm_console,
         vms::drain_host,
         vms::undrain_host,
@@ -48,6 +50,25 @@ use super::{console, handlers, templates, vms};
         vms::create_affinity_group,
         vms::list_affinity_groups,
         vms::delete_affinity_group,
+        networks::list_networks,
+        networks::create_network,
+        networks::get_network,
+        networks::delete_network,
+        networks::list_security_groups,
+        networks::create_security_group,
+        networks::get_security_group,
+        networks::delete_security_group,
+        networks::add_security_rule,
+        networks::delete_security_rule,
+        networks::get_host_networks,
+        networks::set_host_network,
+        networks::clear_host_network,
+        floating_ips::list_floating_ips,
+        floating_ips::allocate_floating_ip,
+        floating_ips::get_floating_ip,
+        floating_ips::release_floating_ip,
+        floating_ips::attach_floating_ip,
+        floating_ips::detach_floating_ip,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, Health, ClusterView, MemberView, HostView, InventoryView,
@@ -55,7 +76,12 @@ use super::{console, handlers, templates, vms};
         SettingView, PutSettingRequest, VmBoot, VmNicRequest, VmCreateRequest, VmRebootRequest,
         VmResizeRequest, OperationView, OperationAccepted, VmNicView, VmObservedView, VmView,
         VmDetailView, TemplateFormat, TemplateImportRequest, TemplateView, GroupPolicy,
-        AffinityGroupCreateRequest, AffinityGroupView, VmMigrateRequest, HypervisorView, HostMaintenanceView
+        AffinityGroupCreateRequest, AffinityGroupView, VmMigrateRequest, HypervisorView, HostMaintenanceView,
+        NetworkCreateRequest, NetworkView, NetworkLeaseView, NetworkDetailView,
+        SecurityGroupCreateRequest, RuleDirection, RuleProtocol, SecurityRuleCreateRequest,
+        SecurityRuleView, SecurityGroupView, HostNetworkSetRequest, HostNetworkView,
+        HostNetworksView, FloatingIpAllocateRequest, FloatingIpAttachRequest, PortForwardView,
+        FloatingIpView
     )),
     modifiers(&BearerAuth)
 )]

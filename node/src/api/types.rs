@@ -396,7 +396,8 @@ pub struct VmResizeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OperationView {
     pub id: String,
-    /// `vm-create`, `vm-start`, `vm-stop`, `vm-reboot`, `vm-resize` or `vm-delete`.
+    /// `vm-create`, `vm-start`, `vm-stop`, `vm-reboot`, `vm-resize`, `vm-delete`,
+    /// `vm-migrate`, `nic-attach` or `nic-detach`.
     pub kind: String,
     pub vm_id: String,
     pub vm_name: String,
@@ -418,8 +419,16 @@ pub struct OperationAccepted {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmNicView {
+    /// The host bridge (`kbr<vni>` for a NIC on a guest network).
     pub bridge: String,
     pub mac: String,
+    /// The guest network's name (`null`: a NIC on a host bridge).
+    pub network: Option<String>,
+    pub network_id: Option<String>,
+    /// The NIC's address on its guest network.
+    pub ip: Option<String>,
+    /// Names of the NIC's security groups.
+    pub security_groups: Vec<String>,
 }
 
 /// What the VM's host last reported.
@@ -579,4 +588,234 @@ pub struct AffinityGroupView {
     /// Names of the VMs in the group.
     pub members: Vec<String>,
     pub created_at_ms: u64,
+}
+
+// ---- networking: guest networks, security groups, host networks -------------------------
+
+/// `POST /api/v1/networks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreateRequest {
+    /// Lowercase letters, digits and '-'.
+    pub name: String,
+    /// The network's prefix, `a.b.c.d/len` without host bits, /8 to /29.
+    pub cidr: String,
+    /// Default: the first host address of the CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Guests get `<vm name>.<dns_domain>`; default `<name>.internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_domain: Option<String>,
+    /// Default (and most): the guest underlay's MTU minus 50 bytes of VXLAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Guests may reach the outside through SNAT on the hosts' public network.
+    #[serde(default)]
+    pub external: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkView {
+    pub id: String,
+    pub name: String,
+    pub cidr: String,
+    /// Answered on every host that runs a VM of the network.
+    pub gateway: String,
+    pub dns_domain: String,
+    /// The VXLAN segment id.
+    pub vni: u32,
+    pub mtu: u32,
+    pub external: bool,
+    /// VM NICs on the network (addresses leased).
+    pub ports: usize,
+    pub created_at_ms: u64,
+}
+
+/// One address of a network, held by a VM NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkLeaseView {
+    pub ip: String,
+    pub mac: String,
+    pub vm_id: String,
+    pub vm_name: Option<String>,
+    /// Where the VM is placed (`null`: not placed yet).
+    pub host_id: Option<u64>,
+    pub host_name: Option<String>,
+}
+
+/// `GET /api/v1/networks/{network}`: the network and its leases, in address order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkDetailView {
+    #[serde(flatten)]
+    pub network: NetworkView,
+    pub leases: Vec<NetworkLeaseView>,
+}
+
+/// `POST /api/v1/security-groups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupCreateRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleDirection {
+    /// Traffic to the NIC.
+    #[default]
+    Ingress,
+    /// Traffic from the NIC.
+    Egress,
+}
+
+impl RuleDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleDirection::Ingress => "ingress",
+            RuleDirection::Egress => "egress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleProtocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Any,
+}
+
+impl RuleProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleProtocol::Tcp => "tcp",
+            RuleProtocol::Udp => "udp",
+            RuleProtocol::Icmp => "icmp",
+            RuleProtocol::Any => "any",
+        }
+    }
+}
+
+/// `POST /api/v1/security-groups/{group}/rules`: one allow rule. At most one of
+/// `remote_cidr` and `remote_group`; neither means `0.0.0.0/0`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityRuleCreateRequest {
+    pub direction: RuleDirection,
+    pub protocol: RuleProtocol,
+    /// First port (tcp and udp only); without it the rule covers every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_min: Option<u16>,
+    /// Last port; default `port_min`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_max: Option<u16>,
+    /// The other end's addresses, `a.b.c.d/len`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_cidr: Option<String>,
+    /// The other end: every NIC in this security group (name or id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_group: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecurityRuleView {
+    pub id: String,
+    pub direction: RuleDirection,
+    pub protocol: RuleProtocol,
+    pub port_min: Option<u16>,
+    pub port_max: Option<u16>,
+    /// Set when the other end is an address range.
+    pub remote_cidr: Option<String>,
+    /// Set when the other end is a security group: its name.
+    pub remote_group: Option<String>,
+    pub remote_group_id: Option<String>,
+}
+
+/// A security group: allow rules for the NICs in it. Ingress is denied unless a rule
+/// allows it; egress is allowed unless the group has egress rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecurityGroupView {
+    pub id: String,
+    pub name: String,
+    pub rules: Vec<SecurityRuleView>,
+    /// Names of the VMs with a NIC in the group.
+    pub vms: Vec<String>,
+    /// Bumped by every rule change.
+    pub revision: u64,
+    pub created_at_ms: u64,
+}
+
+/// `PUT /api/v1/hosts/{host}/networks/{role}`: gives a host interface a role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostNetworkSetRequest {
+    pub interface: String,
+    /// The host's address on it, `a.b.c.d/len`; must already be configured there.
+    pub address: String,
+    /// The next hop to the outside (public role only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostNetworkView {
+    /// `management`, `storage`, `guest-underlay` or `public`.
+    pub role: String,
+    pub interface: String,
+    pub address: String,
+    pub gateway: Option<String>,
+    /// Not given a role explicitly: the interface carrying the host's peer address.
+    pub derived: bool,
+}
+
+/// `GET /api/v1/hosts/{host}/networks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostNetworksView {
+    pub host_id: u64,
+    pub host_name: String,
+    pub networks: Vec<HostNetworkView>,
+}
+
+// ---- floating IPs -------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FloatingIpAllocateRequest {
+    /// A specific address of the range; the lowest free one when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FloatingIpAttachRequest {
+    /// The VM (name or id).
+    pub vm: String,
+    /// The VM's external network (name or id); needed only when it has several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// `tcp:PUBLIC:PRIVATE` or `udp:PORT`; empty: 1:1 NAT (every port, both ways).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortForwardView {
+    /// `protocol:public port:VM port`.
+    pub forward: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FloatingIpView {
+    pub ip: String,
+    pub vm_id: Option<String>,
+    pub vm_name: Option<String>,
+    pub network: Option<String>,
+    pub private_ip: Option<String>,
+    /// Empty while attached: 1:1 NAT.
+    pub ports: Vec<PortForwardView>,
+    /// The host that answers for the address (the VM's).
+    pub host_name: Option<String>,
+    pub allocated_at_ms: u64,
 }

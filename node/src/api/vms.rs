@@ -11,6 +11,7 @@ use keel_cluster::model::compute::{
     self, AffinityGroup, BootSource, CloudInit, ComputeCommand, DataDisk, NicSpec, OpKind,
     Operation, PowerIntent, Template, Vm, VmSpec,
 };
+use keel_cluster::model::network::{Network, SecurityGroup};
 use keel_cluster::model::{self, Command, CommandError, Host, Outcome};
 
 use super::extract::ApiJson;
@@ -77,17 +78,7 @@ pub(crate) fn create_vm_command(
                 .into_iter()
                 .map(|size_gib| DataDisk { size_gib })
                 .collect(),
-            nics: req
-                .nics
-                .into_iter()
-                .map(|n| NicSpec {
-                    bridge: n.bridge,
-                    mac: n.mac,
-                    network: n.network,
-                    ip: n.ip,
-                    security_groups: n.security_groups,
-                })
-                .collect(),
+            nics: req.nics.into_iter().map(nic_spec).collect(),
             cloud_init: CloudInit {
                 user_data: req.user_data,
                 ssh_keys: req.ssh_keys,
@@ -102,6 +93,18 @@ pub(crate) fn create_vm_command(
     }
 }
 
+/// The NIC a request asks for; the model resolves the network and groups, leases the
+/// address and allocates the MAC.
+pub(crate) fn nic_spec(n: VmNicRequest) -> NicSpec {
+    NicSpec {
+        bridge: n.bridge,
+        mac: n.mac,
+        network: n.network,
+        ip: n.ip,
+        security_groups: n.security_groups,
+    }
+}
+
 /// A VM action other than create: what it is called and the command it stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum VmAction {
@@ -112,6 +115,10 @@ pub(crate) enum VmAction {
     Delete,
     /// To this host id, or where placement says.
     Migrate(Option<u64>),
+    /// Add a NIC to a stopped VM.
+    AttachNic(VmNicRequest),
+    /// Remove a stopped VM's NIC, by MAC.
+    DetachNic(String),
 }
 
 impl VmAction {
@@ -123,6 +130,8 @@ impl VmAction {
             VmAction::Resize(_) => OpKind::VmResize,
             VmAction::Delete => OpKind::VmDelete,
             VmAction::Migrate(_) => OpKind::VmMigrate,
+            VmAction::AttachNic(_) => OpKind::NicAttach,
+            VmAction::DetachNic(_) => OpKind::NicDetach,
         }
     }
 
@@ -158,6 +167,18 @@ impl VmAction {
                 now_ms,
             },
             VmAction::Delete => ComputeCommand::DeleteVm { vm, op_id, now_ms },
+            VmAction::AttachNic(nic) => ComputeCommand::AttachNic {
+                vm,
+                nic: nic_spec(nic),
+                op_id,
+                now_ms,
+            },
+            VmAction::DetachNic(mac) => ComputeCommand::DetachNic {
+                vm,
+                mac,
+                op_id,
+                now_ms,
+            },
         }
     }
 }
@@ -219,19 +240,22 @@ pub async fn create_vm(
     accepted(&state, op_id, OpKind::VmCreate, vm_id, name, now)
 }
 
+/// The names VM views show next to ids: hosts, templates, networks, security groups.
+fn compute_names(c: &rusqlite::Connection) -> rusqlite::Result<ComputeNames> {
+    Ok(
+        ComputeNames::new(&model::list::<Host>(c)?, &model::list::<Template>(c)?).with_networking(
+            &model::list::<Network>(c)?,
+            &model::list::<SecurityGroup>(c)?,
+        ),
+    )
+}
+
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
     responses((status = 200, body = [VmView]), (status = 401, body = ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list_vms(State(state): State<AppState>) -> ApiResult<Vec<VmView>> {
-    let (mut vms, hosts, templates) = read(&state, |c| {
-        Ok((
-            model::list::<Vm>(c)?,
-            model::list::<Host>(c)?,
-            model::list::<Template>(c)?,
-        ))
-    })?;
+    let (mut vms, names) = read(&state, |c| Ok((model::list::<Vm>(c)?, compute_names(c)?)))?;
     vms.sort_by(|a, b| a.name.cmp(&b.name));
-    let names = ComputeNames::new(&hosts, &templates);
     Ok(Json(
         vms.iter().map(|vm| views::vm_view(vm, &names)).collect(),
     ))
@@ -245,15 +269,10 @@ pub async fn get_vm(
     State(state): State<AppState>,
     Path(vm): Path<String>,
 ) -> ApiResult<VmDetailView> {
-    let (found, hosts, templates) = read(&state, |c| {
-        Ok((
-            compute::find_vm(c, &vm)?,
-            model::list::<Host>(c)?,
-            model::list::<Template>(c)?,
-        ))
+    let (found, names) = read(&state, |c| {
+        Ok((compute::find_vm(c, &vm)?, compute_names(c)?))
     })?;
     let found = found.ok_or(CommandError::VmUnknown { vm })?;
-    let names = ComputeNames::new(&hosts, &templates);
     Ok(Json(views::vm_detail_view(&found, &names)))
 }
 
@@ -338,6 +357,39 @@ pub async fn resize_vm(
     ApiJson(req): ApiJson<VmResizeRequest>,
 ) -> Result<Accepted, ApiError> {
     vm_action(&state, &who, vm, VmAction::Resize(req)).await
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/nics", tag = "vms",
+    params(("vm" = String, Path, description = "VM name or id")),
+    request_body = VmNicRequest,
+    responses((status = 202, body = OperationAccepted,
+            headers(("Location" = String, description = "/api/v1/operations/{id}"))),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "VM, network or security group unknown"),
+        (status = 409, body = ErrorBody, description = "the VM is not stopped, the address or MAC is taken, or the network is full")),
+    security(("bearer" = [])))]
+pub async fn attach_nic(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(vm): Path<String>,
+    ApiJson(req): ApiJson<VmNicRequest>,
+) -> Result<Accepted, ApiError> {
+    vm_action(&state, &who, vm, VmAction::AttachNic(req)).await
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{vm}/nics/{mac}", tag = "vms",
+    params(("vm" = String, Path, description = "VM name or id"),
+        ("mac" = String, Path, description = "the NIC's MAC address")),
+    responses((status = 202, body = OperationAccepted,
+            headers(("Location" = String, description = "/api/v1/operations/{id}"))),
+        (status = 400, body = ErrorBody, description = "the VM has no NIC with that MAC"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the VM is not stopped")),
+    security(("bearer" = [])))]
+pub async fn detach_nic(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path((vm, mac)): Path<(String, String)>,
+) -> Result<Accepted, ApiError> {
+    vm_action(&state, &who, vm, VmAction::DetachNic(mac)).await
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{vm}", tag = "vms",
@@ -527,11 +579,12 @@ mod tests {
             vec![
                 NicSpec {
                     bridge: "br0".into(),
-                    mac: None
+                    ..Default::default()
                 },
                 NicSpec {
                     bridge: "br1".into(),
-                    mac: Some("52:54:00:aa:bb:cc".into())
+                    mac: Some("52:54:00:aa:bb:cc".into()),
+                    ..Default::default()
                 },
             ]
         );
@@ -608,6 +661,44 @@ mod tests {
                 now_ms: 7
             }
         );
+    }
+
+    #[test]
+    fn nic_actions_map_to_their_commands() {
+        let nic: VmNicRequest = serde_json::from_value(serde_json::json!({
+            "network": "blue", "ip": "10.0.0.7", "security_groups": ["web", "ssh"],
+        }))
+        .expect("nic");
+        assert_eq!(VmAction::AttachNic(nic.clone()).kind(), OpKind::NicAttach);
+        assert_eq!(
+            VmAction::AttachNic(nic).command("web-1".into(), "op".into(), 7),
+            ComputeCommand::AttachNic {
+                vm: "web-1".into(),
+                nic: NicSpec {
+                    network: Some("blue".into()),
+                    ip: Some("10.0.0.7".into()),
+                    security_groups: vec!["web".into(), "ssh".into()],
+                    ..Default::default()
+                },
+                op_id: "op".into(),
+                now_ms: 7,
+            }
+        );
+        let mac = "52:54:00:aa:bb:cc".to_string();
+        assert_eq!(VmAction::DetachNic(mac.clone()).kind(), OpKind::NicDetach);
+        assert_eq!(
+            VmAction::DetachNic(mac.clone()).command("web-1".into(), "op".into(), 7),
+            ComputeCommand::DetachNic {
+                vm: "web-1".into(),
+                mac,
+                op_id: "op".into(),
+                now_ms: 7,
+            }
+        );
+        assert!(serde_json::from_value::<VmNicRequest>(
+            serde_json::json!({"network": "blue", "sg": ["web"]})
+        )
+        .is_err());
     }
 
     #[test]

@@ -94,9 +94,33 @@ pub enum VmCmd {
     },
     /// Attach this terminal to the VM's serial console (Ctrl-] detaches).
     Console { vm: String },
+    /// Add or remove NICs of a stopped VM.
+    #[command(subcommand)]
+    Nic(NicCmd),
     /// Affinity groups: keep VMs together on one host, or apart on different hosts.
     #[command(subcommand)]
     Group(GroupCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NicCmd {
+    /// Add a NIC to a stopped VM; on a guest network it gets an address at once.
+    Attach {
+        vm: String,
+        /// NETWORK[,ip=IP][,sg=G1+G2][,mac=MAC] on a guest network, or
+        /// bridge=BRIDGE[,mac=MAC] on an existing host bridge.
+        #[arg(long, value_parser = parse_nic)]
+        nic: VmNicRequest,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Remove a stopped VM's NIC (by MAC, see `keel vm show`) and free its address.
+    Detach {
+        vm: String,
+        mac: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -380,7 +404,7 @@ fn create_request(args: &VmCreateArgs) -> anyhow::Result<VmCreateRequest> {
 }
 
 /// Escapes a path segment or query value.
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -392,7 +416,7 @@ fn escape(text: &str) -> String {
     out
 }
 
-fn age(at_ms: u64) -> String {
+pub(super) fn age(at_ms: u64) -> String {
     let now = keel_cluster::db::now_ms();
     let s = now.saturating_sub(at_ms) / 1000;
     match s {
@@ -403,12 +427,12 @@ fn age(at_ms: u64) -> String {
     }
 }
 
-fn or_dash(v: Option<impl ToString>) -> String {
+pub(super) fn or_dash(v: Option<impl ToString>) -> String {
     v.map_or_else(|| "-".to_string(), |v| v.to_string())
 }
 
 /// `key  value` lines, keys padded to one width.
-fn fields(rows: &[(&str, String)]) -> String {
+pub(super) fn fields(rows: &[(&str, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(k, v)| format!("{k:<width$}  {v}\n"))
@@ -424,6 +448,8 @@ fn done_message(op: &OperationView) -> String {
         "vm-resize" => "resized",
         "vm-delete" => "deleted",
         "vm-migrate" => "migrated",
+        "nic-attach" => return format!("NIC attached to VM {}.\n", op.vm_name),
+        "nic-detach" => return format!("NIC detached from VM {}.\n", op.vm_name),
         other => return format!("Operation {} ({other}) succeeded.\n", op.id),
     };
     format!("VM {} {verb}.\n", op.vm_name)
@@ -590,6 +616,16 @@ pub async fn run_vm(client: &LocalClient, output: Output, cmd: VmCmd) -> anyhow:
                 .await?;
             finish(client, output, a, &wait).await
         }
+        VmCmd::Nic(NicCmd::Attach { vm, nic, wait }) => {
+            let a = client.post(&format!("{}/nics", vm_path(&vm)), &nic).await?;
+            finish(client, output, a, &wait).await
+        }
+        VmCmd::Nic(NicCmd::Detach { vm, mac, wait }) => {
+            let a = client
+                .delete_json(&format!("{}/nics/{}", vm_path(&vm), escape(&mac)))
+                .await?;
+            finish(client, output, a, &wait).await
+        }
         VmCmd::Console { .. } => bail!("the console is attached by the caller"),
         VmCmd::Group(cmd) => run_group(client, output, cmd).await,
     }
@@ -643,6 +679,24 @@ pub async fn run_drain(
             format!("Host {node} takes VMs again.\n")
         }
     })
+}
+
+/// One NIC on one line: `52:54:00:00:00:01 on blue 10.0.0.2 (sg web+ssh)` or
+/// `52:54:00:00:00:02 on bridge br0`.
+fn nic_text(n: &VmNicView) -> String {
+    match &n.network {
+        Some(net) => {
+            let mut s = format!("{} on {net}", n.mac);
+            if let Some(ip) = &n.ip {
+                s.push_str(&format!(" {ip}"));
+            }
+            if !n.security_groups.is_empty() {
+                s.push_str(&format!(" (sg {})", n.security_groups.join("+")));
+            }
+            s
+        }
+        None => format!("{} on bridge {}", n.mac, n.bridge),
+    }
 }
 
 fn vm_fields(v: &VmDetailView) -> String {
@@ -705,11 +759,7 @@ fn vm_fields(v: &VmDetailView) -> String {
             if vm.nics.is_empty() {
                 "-".into()
             } else {
-                vm.nics
-                    .iter()
-                    .map(|n| format!("{} {}", n.bridge, n.mac))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                vm.nics.iter().map(nic_text).collect::<Vec<_>>().join(", ")
             },
         ),
         ("affinity group", or_dash(vm.affinity_group.as_deref())),
@@ -1177,6 +1227,65 @@ mod tests {
             "lots",
         ])
         .is_err());
+    }
+
+    #[test]
+    fn nic_commands_parse() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "keel",
+            "vm",
+            "nic",
+            "attach",
+            "web-1",
+            "--nic",
+            "blue,ip=10.0.0.9,sg=web",
+        ])
+        .expect("parse");
+        let crate::cli::Cmd::Vm(VmCmd::Nic(NicCmd::Attach { vm, nic, wait })) = cli.command else {
+            panic!("not vm nic attach");
+        };
+        assert_eq!(vm, "web-1");
+        assert_eq!(nic.network.as_deref(), Some("blue"));
+        assert_eq!(nic.ip.as_deref(), Some("10.0.0.9"));
+        assert_eq!(nic.security_groups, ["web"]);
+        assert!(!wait.no_wait);
+        let cli = crate::cli::Cli::try_parse_from([
+            "keel",
+            "vm",
+            "nic",
+            "detach",
+            "web-1",
+            "52:54:00:aa:bb:cc",
+            "--no-wait",
+        ])
+        .expect("parse");
+        let crate::cli::Cmd::Vm(VmCmd::Nic(NicCmd::Detach { mac, wait, .. })) = cli.command else {
+            panic!("not vm nic detach");
+        };
+        assert_eq!(mac, "52:54:00:aa:bb:cc");
+        assert!(wait.no_wait);
+        assert!(crate::cli::Cli::try_parse_from(["keel", "vm", "nic", "attach", "web-1"]).is_err());
+        assert!(escape("52:54:00:aa:bb:cc").starts_with("52%3A54"));
+    }
+
+    #[test]
+    fn nics_are_shown_with_their_network() {
+        let nic = |network: Option<&str>, ip: Option<&str>, sg: &[&str]| VmNicView {
+            bridge: "kbr4096".into(),
+            mac: "52:54:00:00:00:01".into(),
+            network: network.map(Into::into),
+            network_id: network.map(|_| "n-1".into()),
+            ip: ip.map(Into::into),
+            security_groups: sg.iter().map(|g| g.to_string()).collect(),
+        };
+        assert_eq!(
+            nic_text(&nic(Some("blue"), Some("10.0.0.2"), &["web", "ssh"])),
+            "52:54:00:00:00:01 on blue 10.0.0.2 (sg web+ssh)"
+        );
+        assert_eq!(
+            nic_text(&nic(None, None, &[])),
+            "52:54:00:00:00:01 on bridge kbr4096"
+        );
     }
 
     #[test]

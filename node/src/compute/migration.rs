@@ -121,6 +121,15 @@ async fn prepare(
     if vm.migration.as_ref().map(|m| m.target) != Some(me) {
         return Err(format!("VM {} is not moving to this host", vm.name));
     }
+    if live {
+        // The incoming domain plugs its taps into the networks' bridges at once.
+        let vm2 = vm.clone();
+        tokio::task::spawn_blocking(move || {
+            super::reconciler::wait_for_bridges(&vm2, super::reconciler::BRIDGE_WAIT)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+    }
     let template = host
         .db
         .reader()

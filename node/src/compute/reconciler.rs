@@ -49,6 +49,28 @@ use super::domain_xml::{
 use super::hypervisor::{DomainState, Hypervisor};
 use super::images::{DiskRequest, Volumes};
 use super::seed::NoCloudSeed;
+use crate::network::links::{tap_name, MacAddr};
+
+/// Waits (blocking) until the bridges of the VM's guest-network NICs exist on this host:
+/// the network reconciler builds them when the VM is placed here, and libvirt cannot
+/// start a domain whose bridge is missing.
+pub fn wait_for_bridges(vm: &Vm, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    for nic in vm.spec.nics.iter().filter(|n| n.network.is_some()) {
+        let path = std::path::Path::new("/sys/class/net").join(&nic.bridge);
+        while !path.exists() {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the bridge {} of its network is not on this host after {} s: see the node's network status",
+                    nic.bridge,
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
 
 /// Fetches templates this host lacks from a host that has them.
 #[tonic::async_trait]
@@ -62,6 +84,8 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a graceful stop presses the ACPI power button again.
 const ACPI_REPEAT: Duration = Duration::from_secs(3);
+/// How long a start waits for the network reconciler to build a guest network's bridge.
+pub const BRIDGE_WAIT: Duration = Duration::from_secs(20);
 /// Retry delay after a failed step.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(2);
 
@@ -557,6 +581,7 @@ pub fn converge(
                     if state == DomainState::Crashed {
                         hv.destroy(uuid).map_err(|e| error_chain(&e))?;
                     }
+                    wait_for_bridges(vm, BRIDGE_WAIT)?;
                     hv.start(uuid).map_err(|e| error_chain(&e))?;
                     *reboot_done = vm.reboot_seq;
                 }
@@ -740,7 +765,12 @@ pub fn build_domain(
                 mac: n.mac.clone().unwrap_or_default(),
                 bridge: n.bridge.clone(),
                 model: "virtio".into(),
-                target_dev: None,
+                // Taps on guest networks get a name the firewall can match on.
+                target_dev: n
+                    .network
+                    .as_ref()
+                    .and_then(|_| n.mac.as_deref()?.parse::<MacAddr>().ok())
+                    .map(tap_name),
             })
             .collect(),
         serial_log: Some(disks.console_log.clone()),

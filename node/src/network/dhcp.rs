@@ -41,6 +41,14 @@ pub struct DhcpNetwork {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
+    /// The network cannot be served as given (a hostname or domain that is not a DNS name,
+    /// a host address outside the network, duplicate hosts, …). Nothing was changed.
+    #[error("network {vni} cannot be served: {detail}")]
+    Invalid { vni: u32, detail: String },
+    /// A directory above the run directory is not searchable by other users: dnsmasq drops
+    /// its privileges after starting and could not re-read its host lists on a reload.
+    #[error("dnsmasq files of network {vni}: {dir} is not searchable by other users")]
+    RunDir { vni: u32, dir: PathBuf },
     #[error("cannot write the dnsmasq files of network {vni} in {dir}")]
     Files {
         vni: u32,
@@ -63,6 +71,8 @@ pub enum DhcpError {
         #[source]
         source: nix::Error,
     },
+    #[error("dnsmasq (pid {pid}) of network {vni} is still running after SIGKILL")]
+    NotStopped { vni: u32, pid: i32 },
 }
 
 /// One host's DHCP/DNS servers.

@@ -102,6 +102,15 @@ pub enum FirewallError {
     Rejected { stderr: String },
     #[error("the firewall state is inconsistent: {0}")]
     Invalid(String),
+    /// Bridged IPv4 cannot be passed through the stateful (inet) hooks of this network
+    /// namespace: `net.bridge.bridge-nf-call-iptables` is missing (the `br_netfilter`
+    /// module is not loaded) or cannot be set.
+    #[error("cannot enable bridge netfilter at {path} (is br_netfilter loaded?)")]
+    BridgeNetfilter {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One host's packet filter.

@@ -63,6 +63,24 @@ pub fn tap_name(mac: MacAddr) -> String {
     let hex: String = mac.0.iter().map(|b| format!("{b:02x}")).collect();
     format!("kt{hex}")
 }
+/// The host end of a network's uplink veth (external networks only).
+pub fn uplink_host_name(vni: u32) -> String {
+    format!("kuh{vni}")
+}
+/// The router namespace's end of the uplink.
+pub fn uplink_ns_name(vni: u32) -> String {
+    format!("kun{vni}")
+}
+/// The transit prefix all uplinks come from (shared address space, RFC 6598): never a
+/// tenant's or the site's.
+pub const TRANSIT: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
+/// The uplink's /30 of a network: (host end, router end). Unique per VNI, so every
+/// external network on a host has its own, whatever its CIDR.
+pub fn uplink_addresses(vni: u32) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(TRANSIT.0) + (vni << 2);
+    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+}
+
 /// The gateway MAC of a network: locally administered, the same on every host.
 pub fn gateway_mac(vni: u32) -> MacAddr {
     let [_, a, b, c] = vni.to_be_bytes();
@@ -85,6 +103,17 @@ pub struct GatewayLink {
     pub mac: MacAddr,
 }
 
+/// The way out of an external network on this host: a veth pair from its router
+/// namespace to the host namespace (addresses from [`uplink_addresses`]; the router's
+/// default route points at the host end), the host forwarding to and from its public
+/// interface, and the floating IPs of this host's VMs routed into the router namespace and
+/// answered on the public interface (proxy ARP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub public_dev: String,
+    pub floating_ips: BTreeSet<Ipv4Addr>,
+}
+
 /// Everything one guest network needs on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkLinks {
@@ -99,6 +128,12 @@ pub struct NetworkLinks {
     /// there instead of to every peer).
     pub remote_macs: BTreeMap<MacAddr, Ipv4Addr>,
     pub gateway: GatewayLink,
+    /// Taps of this host's VMs on the network: put back on the bridge if they exist but
+    /// are not on it (the bridge was recreated under running VMs). Missing ones are left
+    /// to libvirt, which creates them when a VM starts.
+    pub local_taps: BTreeSet<String>,
+    /// External networks on a host with a public network.
+    pub uplink: Option<Uplink>,
 }
 
 /// What a host's links look like for one network (read back, for tests and reports).
@@ -133,6 +168,14 @@ pub enum LinkError {
     },
     #[error("underlay device {dev} does not exist on this host")]
     NoUnderlay { dev: String },
+    #[error("public device {dev} (of an external network's uplink) does not exist on this host")]
+    NoPublicDevice { dev: String },
+    #[error("cannot set {path}")]
+    Sysctl {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("router namespace of network {vni} at {path}")]
     Namespace {
         vni: u32,
@@ -140,17 +183,40 @@ pub enum LinkError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cannot create the router namespace directory {path}")]
+    NetnsDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open a netlink connection in {netns}")]
+    Connection {
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One host's links.
 pub trait Links: Send + Sync + 'static {
     /// Makes the network's links match `net` exactly: bridge, VXLAN device (created anew
-    /// when its VNI, local address, device or MTU differ), FDB entries (extra ones
-    /// removed), router namespace with its veth pair, gateway address and MAC. Leaves the
-    /// bridge's other ports (VM taps) alone.
+    /// when its VNI, local address, device or port differ; MTU changed in place), FDB
+    /// entries (extra ones removed), router namespace with its veth pair, gateway address
+    /// and MAC. Leaves the bridge's other ports (VM taps) alone.
+    ///
+    /// With an [`Uplink`] also: the uplink veth pair ([`uplink_host_name`] in the host
+    /// namespace, [`uplink_ns_name`] in the router namespace, addresses from
+    /// [`uplink_addresses`], MTU `net.mtu`), the router namespace's default route via the
+    /// host end and IPv4 forwarding there, forwarding on the host end and on the public
+    /// device, and per floating IP a `/32` route via the router end and a proxy-ARP entry
+    /// on the public device; routes and proxy entries of floating IPs no longer listed are
+    /// removed. Without one: the uplink veth pair, its routes and proxy entries are removed
+    /// (and forwarding in the router namespace is switched off). A missing public device
+    /// fails with [`LinkError::NoPublicDevice`].
     fn ensure(&self, net: &NetworkLinks) -> Result<(), LinkError>;
-    /// Removes the network's bridge, VXLAN device, veth pair and router namespace.
-    /// Removing an absent network succeeds.
+    /// Removes the network's bridge, VXLAN device, veth pairs (gateway and uplink, with
+    /// the uplink's routes and proxy entries) and router namespace. Removing an absent
+    /// network succeeds.
     fn remove(&self, vni: u32) -> Result<(), LinkError>;
     /// The networks whose bridge exists on this host, read back.
     fn list(&self) -> Result<Vec<NetworkLinksState>, LinkError>;

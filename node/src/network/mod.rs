@@ -27,5 +27,15 @@
 //! - [`firewall`]: security groups, anti-spoofing and gateway isolation (nftables).
 
 pub mod dhcp;
+pub mod dnsmasq;
+pub mod fake_dhcp;
+pub mod fake_firewall;
+pub mod fake_links;
+pub mod fake_nat;
 pub mod firewall;
 pub mod links;
+pub mod nat;
+pub mod netlink;
+pub mod nft;
+pub mod nft_nat;
+pub mod reconciler;

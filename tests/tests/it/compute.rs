@@ -523,14 +523,14 @@ async fn a_node_killed_during_create_converges_to_exactly_one_vm() -> Result<()>
 }
 
 /// `keel vm console VM` with a pipe on stdin, as a user would script it.
-struct Console {
+pub struct Console {
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
-    seen: std::sync::Arc<std::sync::Mutex<String>>,
+    pub seen: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Console {
-    async fn attach(c: &TestCluster, i: usize, vm: &str) -> Result<Self> {
+    pub async fn attach(c: &TestCluster, i: usize, vm: &str) -> Result<Self> {
         use tokio::io::AsyncReadExt;
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", &c.net().ns(i)])
@@ -564,7 +564,7 @@ impl Console {
     }
 
     /// Types `command` and waits for `expect` in the output after it.
-    async fn ask(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<()> {
+    pub async fn ask(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         let start = self.seen.lock().unwrap_or_else(|e| e.into_inner()).len();
         self.stdin

@@ -13,17 +13,34 @@
 //! * `bad_input` — `keel serve` refuses bad configs, busy ports, bad data dirs.
 //! * `witness` — two servers and a witness survive losing a server.
 //! * `disk_full` — a follower whose disk fills recovers when space returns.
+//! * `dnsmasq_adapter` — the dnsmasq `Dhcp` adapter against real dnsmasq processes in
+//!   namespaces: leases, local-only DNS, reload, restart, adoption, stop, failed starts.
+//! * `firewall_adapter` — the nftables `Firewall` against real packets in namespace hosts:
+//!   security groups, anti-spoofing, conntrack zones, the distributed gateway, apply cost.
 //! * `libvirt_adapter` — the libvirt `Hypervisor` against real libvirtd daemons: lifecycle,
 //!   console, reconnect after a daemon restart, live migration.
+//! * `netlink_adapter` — the netlink `Links` in namespace hosts: VXLAN networks between
+//!   stand-in VMs, local gateways, idempotence and repair, same-CIDR isolation, removal.
+//! * `nat_adapter` — the uplink of the netlink `Links` and the nftables `Nat` with real
+//!   packets: SNAT, 1:1 floating IPs, port forwards, hairpin, same-CIDR external networks.
+//! * `network` — guest networks end to end with real guests on three hosts: DHCP leases,
+//!   DNS names, cross-host traffic over VXLAN, same-CIDR isolation, security-group
+//!   changes on real packets, anti-spoofing, rebuild after a restart with links flushed;
+//!   external networks: SNAT to an outside namespace, floating IPs 1:1 and port forwards.
 
 mod bad_input;
 mod cluster;
 mod compute;
 mod disk_full;
+mod dnsmasq_adapter;
 mod durability;
 mod failover;
+mod firewall_adapter;
 mod formation;
 mod libvirt_adapter;
+mod nat_adapter;
+mod netlink_adapter;
+mod network;
 mod partition;
 mod peer_port;
 mod plumbing;
