@@ -126,6 +126,24 @@ pub struct NetworkConfig {
     pub nft_binary: PathBuf,
     /// How often the host's networks are re-checked even when nothing changed.
     pub resync_interval_ms: u64,
+    /// This host's interface roles (`management`, `storage`, `guest-underlay`, `public`),
+    /// given to the cluster when the node first reports them (at init or join; the
+    /// installer writes them from the answer file). A role already set in the cluster —
+    /// by an earlier start or through the API — is left as it is.
+    pub roles: std::collections::BTreeMap<String, RoleConfig>,
+}
+
+/// One interface role of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub interface: String,
+    /// `a.b.c.d/len`; default: the interface's first IPv4 address.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Next hop to the outside (public role only).
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for NetworkConfig {
@@ -136,6 +154,7 @@ impl Default for NetworkConfig {
             dnsmasq_binary: PathBuf::from("/usr/sbin/dnsmasq"),
             nft_binary: PathBuf::from("/usr/sbin/nft"),
             resync_interval_ms: 10_000,
+            roles: Default::default(),
         }
     }
 }
@@ -226,6 +245,24 @@ impl NodeConfig {
                 field: "peer_addr",
                 reason: "the peer and API addresses must differ".into(),
             });
+        }
+        for (role, rc) in &self.network.roles {
+            if keel_cluster::model::network::NetRole::parse(role).is_none() {
+                return Err(ConfigError::Invalid {
+                    field: "network.roles",
+                    reason: format!(
+                        "{role:?} is not a role: use management, storage, guest-underlay or public"
+                    ),
+                });
+            }
+            if let Some(a) = &rc.address {
+                keel_cluster::model::network::Ipv4Cidr::parse(a, false).map_err(|reason| {
+                    ConfigError::Invalid {
+                        field: "network.roles",
+                        reason: format!("{role}: {reason}"),
+                    }
+                })?;
+            }
         }
         let d = &self.duties;
         if !(d.suspect_after_ms < d.down_after_ms && d.down_after_ms <= d.voter_replace_after_ms) {

@@ -461,6 +461,79 @@ async fn reload_api_cert_on_membership(
 
 /// What every member does, leader or not: heartbeat to the leader and keep its inventory
 /// in the state current.
+/// Gives the cluster the interface roles of this host's configuration that it does not
+/// have yet (roles set through the API win). Returns whether every configured role is set.
+async fn give_configured_roles(db: &ClusterDb, config: &NodeConfig, node_id: u64) -> bool {
+    use keel_cluster::model::network::{
+        HostNetworks, Ipv4Cidr, NetRole, NetworkCommand, PhysicalNetwork,
+    };
+    let read = db.reader().read(|c| {
+        Ok((
+            model::host(c, node_id)?,
+            model::get::<HostNetworks>(c, &format!("{node_id:020}"))?,
+        ))
+    });
+    let Ok((Some(host), stored)) = read else {
+        return false;
+    };
+    let Some(inventory) = &host.inventory else {
+        return false;
+    };
+    let mut done = true;
+    for (name, rc) in &config.network.roles {
+        let Some(role) = NetRole::parse(name) else {
+            continue;
+        };
+        if stored.as_ref().is_some_and(|s| s.roles.contains_key(&role)) {
+            continue;
+        }
+        let address = match &rc.address {
+            Some(a) => Ipv4Cidr::parse(a, false).ok(),
+            None => inventory
+                .nics
+                .iter()
+                .find(|n| n.name == rc.interface)
+                .and_then(|n| {
+                    n.addresses
+                        .iter()
+                        .find_map(|a| Ipv4Cidr::parse(a, false).ok())
+                }),
+        };
+        let Some(address) = address else {
+            tracing::warn!(role = name, interface = %rc.interface,
+                "network role from the configuration: the interface has no IPv4 address yet");
+            done = false;
+            continue;
+        };
+        let command = Command::Network {
+            command: NetworkCommand::SetHostNetwork {
+                host_id: node_id,
+                role,
+                network: Some(PhysicalNetwork {
+                    interface: rc.interface.clone(),
+                    address,
+                    gateway: rc.gateway,
+                }),
+            },
+        };
+        match db.write(command).await {
+            Ok(_) => tracing::info!(role = name, interface = %rc.interface, %address,
+                "network role from the configuration given to the cluster"),
+            // Refused by the model (e.g. the address is not on the interface): said once,
+            // not retried; anything else (no quorum yet) is retried on the next beat.
+            Err(keel_cluster::ClusterError::Rejected(e)) => {
+                tracing::warn!(role = name, error = %e,
+                    "network role from the configuration refused; fix [network.roles] or set it with `keel node network set`");
+            }
+            Err(e) => {
+                tracing::debug!(role = name, error = %error_chain(&e), "network role not given yet");
+                done = false;
+            }
+        }
+    }
+    done
+}
+
 async fn agent(
     db: ClusterDb,
     config: NodeConfig,
@@ -473,6 +546,7 @@ async fn agent(
     let inventory_every = Duration::from_secs(60);
     let mut last_inventory: Option<std::time::Instant> = None;
     let mut last_hypervisor: Option<HypervisorReport> = None;
+    let mut roles_given = config.network.roles.is_empty();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -483,6 +557,9 @@ async fn agent(
         };
         if let Err(e) = db.send_heartbeat().await {
             tracing::debug!(error = %error_chain(&e), "heartbeat not delivered");
+        }
+        if !roles_given {
+            roles_given = give_configured_roles(&db, &config, node_id).await;
         }
         let hv_report = hypervisor
             .lock()

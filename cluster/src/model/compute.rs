@@ -1462,13 +1462,10 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
                     .as_deref()
                     .is_some_and(|m| m.eq_ignore_ascii_case(mac))
             }) else {
-                return Err(invalid(
-                    "nic",
-                    format!(
-                        "VM {} has no NIC with MAC {mac}: `keel vm show {}` lists them",
-                        vm.name, vm.name
-                    ),
-                ));
+                return Err(CommandError::NicUnknown {
+                    vm: vm.name.clone(),
+                    mac: mac.clone(),
+                });
             };
             let nic = vm.spec.nics.remove(pos);
             super::network::release_nic(conn, &nic)?;

@@ -466,6 +466,8 @@ pub enum CommandError {
     AddressInUse { network: String, ip: String },
     #[error("network {network} ({cidr}) has no free address left: delete VMs or NICs on it, or create a larger network")]
     NetworkFull { network: String, cidr: String },
+    #[error("VM {vm} has no NIC with MAC {mac}: `keel vm show {vm}` lists its NICs")]
+    NicUnknown { vm: String, mac: String },
     #[error("floating IP {ip} is not allocated: `keel fip list` shows the allocated ones")]
     FloatingIpUnknown { ip: String },
     #[error("invalid {field}: {reason}")]

@@ -516,6 +516,12 @@ pub(super) fn prepare_nic(
         }
     }
     nic.security_groups = groups;
+    if nic.network.is_some() && !nic.bridge.is_empty() {
+        return Err(invalid(
+            "nic",
+            "a NIC is on a guest network or on a host bridge, not both",
+        ));
+    }
     let Some(network) = nic.network.clone() else {
         if nic.bridge.starts_with("kbr") {
             return Err(invalid(
@@ -1126,10 +1132,13 @@ pub(super) fn apply(conn: &Connection, command: &NetworkCommand) -> Result<Outco
                     )
             };
             if let Some(existing) = g.rules.iter().find(|r| same(r)) {
-                return Err(CommandError::NameTaken {
-                    kind: "rule".into(),
-                    name: format!("{} (same as rule {})", rule.id, existing.id),
-                });
+                return Err(invalid(
+                    "rule",
+                    format!(
+                        "security group {} already has this rule (rule {})",
+                        g.name, existing.id
+                    ),
+                ));
             }
             g.rules.push(rule.clone());
             g.revision += 1;
@@ -1827,7 +1836,11 @@ mod tests {
             },
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("same as rule r1aaaa"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("already has this rule (rule r1aaaa)"),
+            "{e}"
+        );
         // A NIC in "web"; "web" cannot go while used by a NIC and by db's rule.
         let mut nic = on("blue");
         nic.security_groups = vec!["web".into()];

@@ -93,6 +93,7 @@ impl From<CommandError> for ApiError {
             C::AddressInUse { .. } => (StatusCode::CONFLICT, "address_in_use"),
             C::NetworkFull { .. } => (StatusCode::CONFLICT, "network_full"),
             C::FloatingIpUnknown { .. } => (StatusCode::NOT_FOUND, "floating_ip_unknown"),
+            C::NicUnknown { .. } => (StatusCode::NOT_FOUND, "nic_unknown"),
             C::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
             C::Store { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
         };

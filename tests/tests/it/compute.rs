@@ -26,9 +26,14 @@ pub fn tiny_image() -> Result<PathBuf> {
 
 /// A formed cluster of `n` hosts with a libvirtd each and the tiny template imported.
 pub async fn compute_cluster(n: usize) -> Result<TestCluster> {
+    compute_cluster_with(n, "").await
+}
+
+/// [`compute_cluster`] with more configuration for every node (TOML).
+pub async fn compute_cluster_with(n: usize, extra_toml: &str) -> Result<TestCluster> {
     let opts = ClusterOptions {
         libvirt: true,
-        config_toml: "[duties]\nheartbeat_interval_ms = 300\nsuspect_after_ms = 1500\ndown_after_ms = 4000\nvoter_replace_after_ms = 60000\ntick_ms = 200\n".into(),
+        config_toml: format!("[duties]\nheartbeat_interval_ms = 300\nsuspect_after_ms = 1500\ndown_after_ms = 4000\nvoter_replace_after_ms = 60000\ntick_ms = 200\n{extra_toml}"),
         ..ClusterOptions::default()
     };
     let c = TestCluster::form_with(n, opts).await?;

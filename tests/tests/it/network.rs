@@ -10,7 +10,9 @@ use keel_tests::wait::{millis, secs, wait_until};
 use serde_json::Value;
 
 use super::cli_quiet;
-use super::compute::{compute_cluster, vm_host, vm_show, wait_console, Console};
+use super::compute::{
+    compute_cluster, compute_cluster_with, vm_host, vm_show, wait_console, Console,
+};
 
 /// A guest's serial console, for running checks inside it.
 struct Guest {
@@ -277,6 +279,43 @@ async fn guests_on_three_hosts_get_leases_resolve_and_reach_each_other() -> Resu
     .await?;
     a.eventually("ping -c1 -W2 b", secs(30)).await?;
 
+    // NICs come and go on a stopped VM: c's NIC is detached (its lease is freed), a new
+    // one with a fixed address is attached, and c comes back on it.
+    let c_mac = vm_show(&c, 0, "c").await?["nics"][0]["mac"]
+        .as_str()
+        .ok_or_else(|| anyhow!("c has no MAC"))?
+        .to_string();
+    cli_quiet(&c, 0, &["vm", "stop", "c"]).await?;
+    cli_quiet(&c, 0, &["vm", "nic", "detach", "c", &c_mac]).await?;
+    let leases = cli_quiet(&c, 0, &["net", "show", "blue"]).await?;
+    assert!(
+        !leases.to_string().contains(&c_mac),
+        "c's lease is gone: {leases}"
+    );
+    let e = c.cli_raw(0, &["vm", "nic", "detach", "c", &c_mac]).await?;
+    assert!(
+        !e.success() && e.stderr.contains("has no NIC with MAC"),
+        "{}",
+        e.stderr
+    );
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "nic",
+            "attach",
+            "c",
+            "--nic",
+            "blue,ip=10.60.0.50,sg=pingable",
+        ],
+    )
+    .await?;
+    cli_quiet(&c, 0, &["vm", "start", "c"]).await?;
+    wait_console(&c, "c", "KEEL-TINY-IP 10.60.0.50", secs(120)).await?;
+    a.eventually("ping -c1 -W2 10.60.0.50", secs(30)).await?;
+    a.eventually("ping -c1 -W2 c", secs(30)).await?;
+
     // The node service on b's host restarts with its network links flushed behind its
     // back: it rebuilds them and b is reachable again.
     let bh = vm_host(&c, "b").await?;
@@ -402,24 +441,24 @@ impl Drop for Outside {
 #[tokio::test]
 async fn external_networks_reach_out_through_snat_and_floating_ips_reach_in() -> Result<()> {
     keel_tests::skip_unless_root!(Ok(()));
-    let c = compute_cluster(2).await?;
+    // The public role comes from each node's configuration (the installer writes it from
+    // the answer file); the address defaults to the interface's own.
+    let c = compute_cluster_with(2, "[network.roles.public]\ninterface = \"eth0\"\n").await?;
     let outside = Outside::start(&c)?;
     let s = c.net().subnet();
     for i in 0..c.len() {
-        cli_quiet(
-            &c,
-            0,
-            &[
-                "node",
-                "network",
-                "set",
-                c.name(i),
-                "public",
-                "--interface",
-                "eth0",
-                "--address",
-                &format!("10.213.{s}.{}/24", i + 1),
-            ],
+        let want = format!("10.213.{s}.{}/24", i + 1);
+        wait_until(
+            format!(
+                "{} reports its public network from its configuration",
+                c.name(i)
+            ),
+            secs(30),
+            millis(300),
+            || async {
+                let v = cli_quiet(&c, 0, &["node", "network", "list", c.name(i)]).await?;
+                Ok(v.to_string().contains(&want).then_some(()))
+            },
         )
         .await?;
     }
