@@ -944,7 +944,8 @@ fn require_vm(conn: &Connection, vm: &str) -> Result<Vm, CommandError> {
         .ok_or_else(|| CommandError::VmUnknown { vm: vm.to_string() })
 }
 
-/// For spec changes a host applies by redefining the domain: the VM must be stopped.
+/// For spec changes a host applies only by redefining the domain (a resize): the VM must
+/// be stopped.
 fn require_stopped_for(vm: &Vm, what: &str) -> Result<(), CommandError> {
     require_not_deleting(vm)?;
     let running = vm.power == PowerIntent::Running
@@ -959,6 +960,20 @@ fn require_stopped_for(vm: &Vm, what: &str) -> Result<(), CommandError> {
         });
     }
     Ok(())
+}
+
+/// The goal of a NIC change (after the generation bump): the host hot-plugs the NIC into
+/// a running domain, or redefines a stopped one, and reports the new generation in the
+/// power state the VM is meant to be in.
+fn nic_change_goal(vm: &Vm) -> OpGoal {
+    match vm.power {
+        PowerIntent::Running => OpGoal::Running {
+            generation: vm.generation,
+        },
+        PowerIntent::Stopped => OpGoal::Stopped {
+            generation: vm.generation,
+        },
+    }
 }
 
 fn require_not_deleting(vm: &Vm) -> Result<(), CommandError> {
@@ -1204,14 +1219,14 @@ pub enum ComputeCommand {
         error: Option<String>,
         now_ms: u64,
     },
-    /// Adds a NIC to a stopped VM.
+    /// Adds a NIC to a VM: hot-plugged while it runs, in its definition either way.
     AttachNic {
         vm: String,
         nic: NicSpec,
         op_id: String,
         now_ms: u64,
     },
-    /// Removes a stopped VM's NIC (by MAC) and frees its address.
+    /// Removes a VM's NIC (by MAC; hot-unplugged while it runs) and frees its address.
     DetachNic {
         vm: String,
         mac: String,
@@ -1374,18 +1389,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             now_ms,
         } => {
             let mut vm = require_vm(conn, vm)?;
-            require_not_deleting(&vm)?;
-            let running = vm.power == PowerIntent::Running
-                || vm
-                    .observed
-                    .as_ref()
-                    .is_some_and(|o| !matches!(o.state, RunState::Stopped | RunState::Absent));
-            if running {
-                return Err(CommandError::VmState {
-                    vm: vm.name.clone(),
-                    reason: "resizing needs the VM stopped: stop it first".into(),
-                });
-            }
+            require_stopped_for(&vm, "resizing")?;
             let new_vcpus = vcpus.unwrap_or(vm.spec.vcpus);
             let new_mem = memory_mib.unwrap_or(vm.spec.memory_mib);
             if (new_vcpus, new_mem) == (vm.spec.vcpus, vm.spec.memory_mib) {
@@ -1428,7 +1432,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             now_ms,
         } => {
             let mut vm = require_vm(conn, vm)?;
-            require_stopped_for(&vm, "attaching a NIC")?;
+            require_not_deleting(&vm)?;
             if vm.spec.nics.len() >= MAX_NICS {
                 return Err(invalid("nics", format!("at most {MAX_NICS} NICs")));
             }
@@ -1442,9 +1446,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             }
             vm.spec.nics.push(nic);
             vm.generation += 1;
-            let goal = OpGoal::Stopped {
-                generation: vm.generation,
-            };
+            let goal = nic_change_goal(&vm);
             new_op(conn, op_id, OpKind::NicAttach, &mut vm, goal, *now_ms)?;
             put(conn, &vm)?;
             Ok(Outcome::Created { id: vm.id })
@@ -1456,7 +1458,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             now_ms,
         } => {
             let mut vm = require_vm(conn, vm)?;
-            require_stopped_for(&vm, "detaching a NIC")?;
+            require_not_deleting(&vm)?;
             let Some(pos) = vm.spec.nics.iter().position(|n| {
                 n.mac
                     .as_deref()
@@ -1470,9 +1472,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             let nic = vm.spec.nics.remove(pos);
             super::network::release_nic(conn, &nic)?;
             vm.generation += 1;
-            let goal = OpGoal::Stopped {
-                generation: vm.generation,
-            };
+            let goal = nic_change_goal(&vm);
             new_op(conn, op_id, OpKind::NicDetach, &mut vm, goal, *now_ms)?;
             put(conn, &vm)?;
             Ok(Outcome::Created { id: vm.id })
@@ -2284,6 +2284,113 @@ mod tests {
         assert_eq!(op(&conn, "op-r2").state, OpState::Running);
         report(&conn, "r", RunState::Stopped, 2, None);
         assert_eq!(op(&conn, "op-r2").state, OpState::Succeeded);
+    }
+
+    #[test]
+    fn nics_attach_and_detach_on_a_running_vm_with_a_running_goal() {
+        let conn = db_with_hosts(1);
+        create(&conn, "n", spec(1, 128)).expect("create");
+        place_all(&conn);
+        report(&conn, "n", RunState::Running, 1, None);
+        let nic = NicSpec {
+            bridge: "br0".into(),
+            mac: Some("52:54:00:aa:bb:01".into()),
+            ..NicSpec::default()
+        };
+        run(
+            &conn,
+            ComputeCommand::AttachNic {
+                vm: "n".into(),
+                nic,
+                op_id: "op-attach".into(),
+                now_ms: 90,
+            },
+        )
+        .expect("attach while running");
+        let v = vm(&conn, "n");
+        assert_eq!((v.generation, v.spec.nics.len()), (2, 1));
+        assert_eq!(
+            op(&conn, "op-attach").goal,
+            OpGoal::Running { generation: 2 }
+        );
+        // Still running from the old definition: not done yet.
+        report(&conn, "n", RunState::Running, 1, None);
+        assert_eq!(op(&conn, "op-attach").state, OpState::Running);
+        report(&conn, "n", RunState::Running, 2, None);
+        assert_eq!(op(&conn, "op-attach").state, OpState::Succeeded);
+
+        run(
+            &conn,
+            ComputeCommand::DetachNic {
+                vm: "n".into(),
+                mac: "52:54:00:AA:BB:01".into(),
+                op_id: "op-detach".into(),
+                now_ms: 91,
+            },
+        )
+        .expect("detach while running");
+        assert!(vm(&conn, "n").spec.nics.is_empty());
+        assert_eq!(
+            op(&conn, "op-detach").goal,
+            OpGoal::Running { generation: 3 }
+        );
+        report(&conn, "n", RunState::Running, 3, None);
+        assert_eq!(op(&conn, "op-detach").state, OpState::Succeeded);
+
+        // A VM meant to be stopped gets a stopped goal, even while it is still shutting down.
+        run(
+            &conn,
+            ComputeCommand::SetVmPower {
+                vm: "n".into(),
+                power: PowerIntent::Stopped,
+                op_id: "op-stop".into(),
+                now_ms: 92,
+            },
+        )
+        .expect("stop");
+        run(
+            &conn,
+            ComputeCommand::AttachNic {
+                vm: "n".into(),
+                nic: NicSpec {
+                    bridge: "br0".into(),
+                    ..NicSpec::default()
+                },
+                op_id: "op-attach-2".into(),
+                now_ms: 93,
+            },
+        )
+        .expect("attach while stopping");
+        assert_eq!(
+            op(&conn, "op-attach-2").goal,
+            OpGoal::Stopped { generation: 4 }
+        );
+
+        // Still refused while deleting.
+        run(
+            &conn,
+            ComputeCommand::DeleteVm {
+                vm: "n".into(),
+                op_id: "op-del".into(),
+                now_ms: 94,
+            },
+        )
+        .expect("delete");
+        let err = run(
+            &conn,
+            ComputeCommand::AttachNic {
+                vm: "n".into(),
+                nic: NicSpec {
+                    bridge: "br0".into(),
+                    ..NicSpec::default()
+                },
+                op_id: "op-attach-3".into(),
+                now_ms: 95,
+            },
+        )
+        .expect_err("deleting")
+        .to_string();
+        assert!(err.contains("being deleted"), "{err}");
     }
 
     #[test]

@@ -115,9 +115,9 @@ pub(crate) enum VmAction {
     Delete,
     /// To this host id, or where placement says.
     Migrate(Option<u64>),
-    /// Add a NIC to a stopped VM.
+    /// Add a NIC to a VM (hot-plugged while it runs).
     AttachNic(VmNicRequest),
-    /// Remove a stopped VM's NIC, by MAC.
+    /// Remove a VM's NIC, by MAC (hot-unplugged while it runs).
     DetachNic(String),
 }
 
@@ -365,7 +365,7 @@ pub async fn resize_vm(
     responses((status = 202, body = OperationAccepted,
             headers(("Location" = String, description = "/api/v1/operations/{id}"))),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "VM, network or security group unknown"),
-        (status = 409, body = ErrorBody, description = "the VM is not stopped, the address or MAC is taken, or the network is full")),
+        (status = 409, body = ErrorBody, description = "the VM is being deleted or migrated, the address or MAC is taken, or the network is full")),
     security(("bearer" = [])))]
 pub async fn attach_nic(
     State(state): State<AppState>,
@@ -382,7 +382,7 @@ pub async fn attach_nic(
     responses((status = 202, body = OperationAccepted,
             headers(("Location" = String, description = "/api/v1/operations/{id}"))),
         (status = 400, body = ErrorBody, description = "the VM has no NIC with that MAC"),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the VM is not stopped")),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "the VM is being deleted or migrated")),
     security(("bearer" = [])))]
 pub async fn detach_nic(
     State(state): State<AppState>,

@@ -94,7 +94,7 @@ pub enum VmCmd {
     },
     /// Attach this terminal to the VM's serial console (Ctrl-] detaches).
     Console { vm: String },
-    /// Add or remove NICs of a stopped VM.
+    /// Add or remove NICs of a VM, running (hot-plug) or stopped.
     #[command(subcommand)]
     Nic(NicCmd),
     /// Affinity groups: keep VMs together on one host, or apart on different hosts.
@@ -104,7 +104,8 @@ pub enum VmCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum NicCmd {
-    /// Add a NIC to a stopped VM; on a guest network it gets an address at once.
+    /// Add a NIC to a running VM (hot-plugged) or a stopped one; on a guest network it gets
+    /// an address at once.
     Attach {
         vm: String,
         /// NETWORK[,ip=IP][,sg=G1+G2][,mac=MAC] on a guest network, or
@@ -114,7 +115,8 @@ pub enum NicCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Remove a stopped VM's NIC (by MAC, see `keel vm show`) and free its address.
+    /// Remove a VM's NIC (by MAC, see `keel vm show`; hot-unplugged while it runs) and free
+    /// its address.
     Detach {
         vm: String,
         mac: String,

@@ -356,6 +356,27 @@ fn check_path<'a>(field: &'static str, path: &'a Path) -> Result<&'a str, Domain
     Ok(s)
 }
 
+fn validate_nic(n: &NicAttachment) -> Result<(), DomainXmlError> {
+    check_mac(&n.mac)?;
+    check_ifname("bridge", &n.bridge)?;
+    check_model(&n.model)?;
+    if let Some(dev) = &n.target_dev {
+        check_ifname("NIC target device", dev)?;
+    }
+    Ok(())
+}
+
+fn validate_metadata(m: &KeelMetadata) -> Result<(), DomainXmlError> {
+    if m.vm_id.is_empty() {
+        return Err(DomainXmlError::InvalidValue {
+            field: "metadata vm_id",
+            value: String::new(),
+            reason: "it is empty",
+        });
+    }
+    check_text("metadata vm_id", &m.vm_id)
+}
+
 fn validate(spec: &DomainSpec) -> Result<(), DomainXmlError> {
     check_name(&spec.name)?;
     if spec.vcpus == 0 {
@@ -389,24 +410,12 @@ fn validate(spec: &DomainSpec) -> Result<(), DomainXmlError> {
         check_text("kernel command line", cmdline)?;
     }
     for n in &spec.nics {
-        check_mac(&n.mac)?;
-        check_ifname("bridge", &n.bridge)?;
-        check_model(&n.model)?;
-        if let Some(dev) = &n.target_dev {
-            check_ifname("NIC target device", dev)?;
-        }
+        validate_nic(n)?;
     }
     if let Some(log) = &spec.serial_log {
         check_path("serial log", log)?;
     }
-    if spec.metadata.vm_id.is_empty() {
-        return Err(DomainXmlError::InvalidValue {
-            field: "metadata vm_id",
-            value: String::new(),
-            reason: "it is empty",
-        });
-    }
-    check_text("metadata vm_id", &spec.metadata.vm_id)?;
+    validate_metadata(&spec.metadata)?;
     Ok(())
 }
 
@@ -496,11 +505,39 @@ pub fn render(spec: &DomainSpec) -> Result<String, DomainXmlError> {
             })?;
             Ok(())
         })?;
-    let mut xml = String::from_utf8(w.into_inner()).map_err(|e| DomainXmlError::Write {
-        source: io::Error::new(io::ErrorKind::InvalidData, e),
-    })?;
+    let mut xml = into_string(w)?;
     xml.push('\n');
     Ok(xml)
+}
+
+fn into_string(w: W) -> Result<String, DomainXmlError> {
+    String::from_utf8(w.into_inner()).map_err(|e| DomainXmlError::Write {
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// One NIC as a device definition for `virDomainAttachDeviceFlags` (and detach): the same
+/// `<interface>` element [`render`] writes into a full definition. Validated first.
+pub fn render_nic(nic: &NicAttachment) -> Result<String, DomainXmlError> {
+    validate_nic(nic)?;
+    let mut w = Writer::new_with_indent(Vec::new(), b' ', 2);
+    write_nic(&mut w, nic)?;
+    into_string(w)
+}
+
+/// Keel's metadata element without its namespace (`<vm id=.. generation=../>`), as
+/// `virDomainSetMetadata` takes it: libvirt puts it into the namespace given with the call
+/// ([`KEEL_METADATA_NS`], prefix [`KEEL_METADATA_PREFIX`]) and replaces the element it had
+/// there.
+pub fn render_metadata_element(m: &KeelMetadata) -> Result<String, DomainXmlError> {
+    validate_metadata(m)?;
+    let mut w = Writer::new(Vec::new());
+    let generation = m.generation.to_string();
+    w.create_element("vm")
+        .with_attribute(("id", m.vm_id.as_str()))
+        .with_attribute(("generation", generation.as_str()))
+        .write_empty()?;
+    into_string(w)
 }
 
 fn write_metadata(w: &mut W, m: &KeelMetadata) -> io::Result<()> {
@@ -676,6 +713,56 @@ pub fn read_metadata(xml: &str) -> Result<Option<KeelMetadata>, DomainXmlError> 
                 path.pop();
             }
             Event::Eof => return Ok(None),
+            _ => {}
+        }
+    }
+}
+
+/// The NICs of a domain (`/domain/devices/interface`), in document order: MAC (lower
+/// case), source bridge, target device and model, each empty or `None` when the XML has
+/// none. For the live XML of a running domain this is what the guest has now.
+pub fn read_nics(xml: &str) -> Result<Vec<NicAttachment>, DomainXmlError> {
+    let mut reader = NsReader::from_str(xml);
+    reader.config_mut().expand_empty_elements = true;
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut nics = Vec::new();
+    let mut current: Option<NicAttachment> = None;
+    loop {
+        match reader.read_event()? {
+            Event::Start(e) => {
+                let local = e.local_name().as_ref().to_vec();
+                let parents: Vec<&[u8]> = path.iter().map(Vec::as_slice).collect();
+                if parents == [b"domain".as_slice(), b"devices"] && local == b"interface" {
+                    current = Some(NicAttachment {
+                        mac: String::new(),
+                        bridge: String::new(),
+                        model: String::new(),
+                        target_dev: None,
+                    });
+                } else if parents == [b"domain".as_slice(), b"devices", b"interface"] {
+                    if let Some(nic) = current.as_mut() {
+                        for attr in e.attributes() {
+                            let attr = attr?;
+                            let value = || attr.unescape_value().map(|v| v.into_owned());
+                            match (local.as_slice(), attr.key.as_ref()) {
+                                (b"mac", b"address") => nic.mac = value()?.to_ascii_lowercase(),
+                                (b"source", b"bridge") => nic.bridge = value()?,
+                                (b"target", b"dev") => nic.target_dev = Some(value()?),
+                                (b"model", b"type") => nic.model = value()?,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                path.push(local);
+            }
+            Event::End(_) => {
+                let closed = path.pop();
+                if path.len() == 2 && closed.as_deref() == Some(b"interface".as_slice()) {
+                    nics.extend(current.take());
+                }
+            }
+            Event::Eof => return Ok(nics),
             _ => {}
         }
     }
@@ -1327,5 +1414,86 @@ mod tests {
             <memory>1024</memory><vcpu>1</vcpu></domain>";
         assert_eq!(summarize(no_unit).unwrap().memory_kib, 1024);
         assert!(summarize("<domain><name>n</name></domain>").is_err());
+    }
+
+    #[test]
+    fn a_single_nic_renders_like_the_one_in_a_full_definition() {
+        let full = render(&spec()).unwrap();
+        let nic = render_nic(&spec().nics[0]).unwrap();
+        // The same element, indented one level deeper inside <devices>.
+        let inner: String = nic
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>();
+        assert!(full.contains(&inner), "{nic}\nnot in\n{full}");
+        assert_eq!(read_nics(&full).unwrap(), spec().nics);
+        let bad = NicAttachment {
+            mac: "01:00:5e:00:00:01".into(),
+            ..spec().nics[0].clone()
+        };
+        assert!(matches!(
+            render_nic(&bad),
+            Err(DomainXmlError::InvalidMac { .. })
+        ));
+    }
+
+    #[test]
+    fn nics_are_read_from_what_libvirt_returns() {
+        let live = r#"<domain type='qemu' id='4'>
+  <name>keel-web-1</name>
+  <devices>
+    <disk type='file' device='disk'><target dev='vda' bus='virtio'/></disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:AB:CD:01'/>
+      <source bridge='kbr100'/>
+      <target dev='kt525400abcd01'/>
+      <model type='virtio'/>
+      <alias name='net0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </interface>
+    <interface type='bridge'>
+      <mac address='52:54:00:ab:cd:02'/>
+      <source bridge='br0'/>
+      <target dev='vnet7'/>
+      <model type='virtio'/>
+    </interface>
+    <interface type='user'><mac address='52:54:00:ab:cd:03'/></interface>
+  </devices>
+</domain>"#;
+        let nics = read_nics(live).unwrap();
+        let got: Vec<(&str, &str, Option<&str>)> = nics
+            .iter()
+            .map(|n| (n.mac.as_str(), n.bridge.as_str(), n.target_dev.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("52:54:00:ab:cd:01", "kbr100", Some("kt525400abcd01")),
+                ("52:54:00:ab:cd:02", "br0", Some("vnet7")),
+                ("52:54:00:ab:cd:03", "", None),
+            ]
+        );
+        assert!(read_nics("<domain><devices/></domain>").unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_metadata_element_for_set_metadata_has_no_namespace_of_its_own() {
+        let m = KeelMetadata {
+            vm_id: "vm-<9>".into(),
+            generation: 3,
+        };
+        let el = render_metadata_element(&m).unwrap();
+        assert_eq!(el, r#"<vm id="vm-&lt;9&gt;" generation="3"/>"#);
+        // What libvirt makes of it reads back.
+        let stored = format!(
+            r#"<domain><metadata><keel:vm xmlns:keel="{KEEL_METADATA_NS}"{}</metadata></domain>"#,
+            el.trim_start_matches("<vm")
+        );
+        assert_eq!(read_metadata(&stored).unwrap(), Some(m));
+        assert!(render_metadata_element(&KeelMetadata {
+            vm_id: String::new(),
+            generation: 1
+        })
+        .is_err());
     }
 }

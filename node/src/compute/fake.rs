@@ -18,6 +18,15 @@
 //! * [`FakeHypervisor::set_state`] — what happens outside the reconciler's control (a
 //!   guest crashes, powers itself off).
 //! * [`FakeHypervisor::guest_console`] — the guest's side of the serial console.
+//! * [`FakeHypervisor::set_ignores_unplug`] — the guest never releases a NIC asked to be
+//!   hot-unplugged (it stays in the live XML).
+//!
+//! Devices (NICs only): `attach_device` adds the `<interface>` to the live XML while the
+//! domain is active and to the persistent one (a MAC already there fails, before anything
+//! changes); `detach_device` removes it from the persistent XML at once and, while
+//! active, asks the guest, which lets go asynchronously: the device leaves the live XML
+//! at the next `xml` call (never, with `set_ignores_unplug`). `set_metadata` rewrites
+//! Keel's metadata element in both.
 //!
 //! Migration: a fake made with [`FakeRegistry::host`] moves a migrated domain into the
 //! fake registered under `dest_uri` (defined there from `dest_xml`, running, persistent;
@@ -51,6 +60,9 @@ pub enum FakeOp {
     Undefine,
     Migrate,
     OpenConsole,
+    AttachDevice,
+    DetachDevice,
+    SetMetadata,
 }
 
 impl FakeOp {
@@ -69,6 +81,9 @@ impl FakeOp {
             FakeOp::Undefine => "undefine",
             FakeOp::Migrate => "migrate",
             FakeOp::OpenConsole => "open_console",
+            FakeOp::AttachDevice => "attach_device",
+            FakeOp::DetachDevice => "detach_device",
+            FakeOp::SetMetadata => "set_metadata",
         }
     }
 }
@@ -86,6 +101,8 @@ pub enum FakeError {
     UnknownHost { uri: String },
     #[error("invalid domain XML: {reason}")]
     BadXml { reason: String },
+    #[error("the domain already has a NIC with MAC {mac}")]
+    DeviceExists { mac: String },
 }
 
 /// One domain as the fake holds it.
@@ -157,6 +174,9 @@ impl FakeRegistry {
 struct State {
     domains: BTreeMap<Uuid, FakeDomain>,
     ignores_acpi: BTreeMap<Uuid, bool>,
+    ignores_unplug: BTreeMap<Uuid, bool>,
+    /// MACs whose hot-unplug was requested and not yet done, by domain.
+    unplugs: BTreeMap<Uuid, Vec<String>>,
     fail_next: BTreeMap<FakeOp, u32>,
     calls: BTreeMap<FakeOp, u64>,
     migrations: Vec<(Uuid, MigrationRequest)>,
@@ -247,6 +267,11 @@ impl FakeHypervisor {
     /// With `true`, `shutdown` of this domain is accepted but the guest keeps running.
     pub fn set_ignores_acpi(&self, uuid: Uuid, ignores: bool) {
         self.lock().ignores_acpi.insert(uuid, ignores);
+    }
+
+    /// With `true`, the guest of this domain never releases a NIC asked to be unplugged.
+    pub fn set_ignores_unplug(&self, uuid: Uuid, ignores: bool) {
+        self.lock().ignores_unplug.insert(uuid, ignores);
     }
 
     /// Sets a domain's state as if the guest or the host did it (a crash, a power-off
@@ -363,6 +388,144 @@ fn stop(st: &mut State, uuid: Uuid, state: DomainState) {
     if !d.persistent {
         st.domains.remove(&uuid);
     }
+    st.unplugs.remove(&uuid);
+}
+
+/// The guest lets go of the NICs asked to be unplugged (unless it ignores such requests).
+fn finish_unplugs(st: &mut State, uuid: Uuid) {
+    if st.ignores_unplug.get(&uuid).copied().unwrap_or(false) {
+        return;
+    }
+    let Some(macs) = st.unplugs.remove(&uuid) else {
+        return;
+    };
+    if let Some(live) = st.domains.get_mut(&uuid).and_then(|d| d.live.as_mut()) {
+        for mac in macs {
+            if let Ok((xml, _)) = remove_interface(&live.xml, &mac) {
+                live.xml = xml;
+            }
+        }
+    }
+}
+
+fn bad_xml(e: impl std::fmt::Display) -> FakeError {
+    FakeError::BadXml {
+        reason: e.to_string(),
+    }
+}
+
+/// The MAC of a device definition that must be exactly one `<interface>`.
+fn device_mac(device: &str) -> Result<String, FakeError> {
+    let nics = domain_xml::read_nics(&format!("<domain><devices>{device}</devices></domain>"))
+        .map_err(bad_xml)?;
+    match nics.as_slice() {
+        [nic] if !nic.mac.is_empty() => Ok(nic.mac.clone()),
+        _ => Err(bad_xml("expected one <interface> with a MAC address")),
+    }
+}
+
+fn has_nic(xml: &str, mac: &str) -> bool {
+    domain_xml::read_nics(xml).is_ok_and(|nics| nics.iter().any(|n| n.mac == mac))
+}
+
+/// `xml` with `device` added as the last element of `<devices>`.
+fn insert_device(xml: &str, device: &str) -> Result<String, FakeError> {
+    let at = xml
+        .rfind("</devices>")
+        .ok_or_else(|| bad_xml("no </devices> in the domain XML"))?;
+    Ok(format!("{}{}\n  {}", &xml[..at], device.trim(), &xml[at..]))
+}
+
+/// `xml` without the `<interface>` whose MAC is `mac`, and whether there was one.
+fn remove_interface(xml: &str, mac: &str) -> Result<(String, bool), FakeError> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut matches = false;
+    loop {
+        let before = reader.buffer_position() as usize;
+        let event = reader.read_event().map_err(bad_xml)?;
+        let (name, opens) = match &event {
+            Event::Start(e) => (e.local_name().as_ref().to_vec(), true),
+            Event::Empty(e) => (e.local_name().as_ref().to_vec(), false),
+            Event::End(_) => {
+                let closed = path.pop();
+                if path.len() == 2 && closed.as_deref() == Some(b"interface".as_slice()) {
+                    if let Some(from) = start.take().filter(|_| matches) {
+                        let to = reader.buffer_position() as usize;
+                        return Ok((format!("{}{}", &xml[..from], &xml[to..]), true));
+                    }
+                }
+                continue;
+            }
+            Event::Eof => return Ok((xml.to_string(), false)),
+            _ => continue,
+        };
+        if path.len() == 2 && name == b"interface" {
+            start = Some(before);
+            matches = false;
+        }
+        if path.len() == 3 && path[2] == b"interface" && name == b"mac" {
+            if let Event::Start(e) | Event::Empty(e) = &event {
+                for a in e.attributes().flatten() {
+                    if a.key.as_ref() == b"address"
+                        && a.unescape_value()
+                            .is_ok_and(|v| v.eq_ignore_ascii_case(mac))
+                    {
+                        matches = true;
+                    }
+                }
+            }
+        }
+        if opens {
+            path.push(name);
+        }
+    }
+}
+
+/// `xml` with Keel's metadata element replaced by one for `m`.
+fn replace_metadata(xml: &str, m: &domain_xml::KeelMetadata) -> Result<String, FakeError> {
+    use quick_xml::events::Event;
+    use quick_xml::name::ResolveResult;
+    let element = domain_xml::render_metadata_element(m).map_err(bad_xml)?;
+    let element = format!(
+        "<{p}:vm xmlns:{p}=\"{ns}\"{rest}",
+        p = domain_xml::KEEL_METADATA_PREFIX,
+        ns = domain_xml::KEEL_METADATA_NS,
+        rest = element.trim_start_matches("<vm")
+    );
+    let mut reader = quick_xml::reader::NsReader::from_str(xml);
+    let mut depth = 0usize;
+    let mut start: Option<usize> = None;
+    loop {
+        let before = reader.buffer_position() as usize;
+        let (ns, event) = reader.read_resolved_event().map_err(bad_xml)?;
+        let ours = matches!(ns, ResolveResult::Bound(n) if n.as_ref() == domain_xml::KEEL_METADATA_NS.as_bytes());
+        match event {
+            Event::Start(e) => {
+                if ours && depth == 2 && e.local_name().as_ref() == b"vm" {
+                    start = Some(before);
+                }
+                depth += 1;
+            }
+            Event::Empty(e) if ours && depth == 2 && e.local_name().as_ref() == b"vm" => {
+                let to = reader.buffer_position() as usize;
+                return Ok(format!("{}{element}{}", &xml[..before], &xml[to..]));
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                if depth == 2 {
+                    if let Some(from) = start.take() {
+                        let to = reader.buffer_position() as usize;
+                        return Ok(format!("{}{element}{}", &xml[..from], &xml[to..]));
+                    }
+                }
+            }
+            Event::Eof => return Err(bad_xml("the domain has no Keel metadata to replace")),
+            _ => {}
+        }
+    }
 }
 
 impl Hypervisor for FakeHypervisor {
@@ -395,6 +558,7 @@ impl Hypervisor for FakeHypervisor {
         let mut st = self.lock();
         self.enter(&mut st, FakeOp::Xml)
             .map_err(|e| op_err(FakeOp::Xml, uuid, e))?;
+        finish_unplugs(&mut st, uuid);
         st.domains
             .get(&uuid)
             .map(|d| d.current().xml.clone())
@@ -489,6 +653,82 @@ impl Hypervisor for FakeHypervisor {
         if !active {
             st.domains.remove(&uuid);
             st.ignores_acpi.remove(&uuid);
+            st.ignores_unplug.remove(&uuid);
+        }
+        Ok(())
+    }
+
+    fn attach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError> {
+        let mut st = self.lock();
+        let err = |e| op_err(FakeOp::AttachDevice, uuid, e);
+        self.enter(&mut st, FakeOp::AttachDevice).map_err(err)?;
+        let mac = device_mac(xml).map_err(err)?;
+        let d = st
+            .domains
+            .get_mut(&uuid)
+            .ok_or(HypervisorError::NoSuchDomain { uuid })?;
+        let mut defs: Vec<&mut FakeDefinition> = Vec::new();
+        if d.persistent {
+            defs.push(&mut d.config);
+        }
+        defs.extend(d.live.as_mut());
+        if defs.iter().any(|def| has_nic(&def.xml, &mac)) {
+            return Err(err(FakeError::DeviceExists { mac }));
+        }
+        let new: Vec<String> = defs
+            .iter()
+            .map(|def| insert_device(&def.xml, xml))
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        for (def, xml) in defs.into_iter().zip(new) {
+            def.xml = xml;
+        }
+        Ok(())
+    }
+
+    fn detach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError> {
+        let mut st = self.lock();
+        let err = |e| op_err(FakeOp::DetachDevice, uuid, e);
+        self.enter(&mut st, FakeOp::DetachDevice).map_err(err)?;
+        let mac = device_mac(xml).map_err(err)?;
+        let d = st
+            .domains
+            .get_mut(&uuid)
+            .ok_or(HypervisorError::NoSuchDomain { uuid })?;
+        if d.persistent {
+            let (config, _) = remove_interface(&d.config.xml, &mac).map_err(err)?;
+            d.config.xml = config;
+        }
+        let live = d.live.as_ref().is_some_and(|l| has_nic(&l.xml, &mac));
+        if live {
+            let pending = st.unplugs.entry(uuid).or_default();
+            if !pending.contains(&mac) {
+                pending.push(mac);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_metadata(
+        &self,
+        uuid: Uuid,
+        metadata: &domain_xml::KeelMetadata,
+    ) -> Result<(), HypervisorError> {
+        let mut st = self.lock();
+        let err = |e| op_err(FakeOp::SetMetadata, uuid, e);
+        self.enter(&mut st, FakeOp::SetMetadata).map_err(err)?;
+        let d = st
+            .domains
+            .get_mut(&uuid)
+            .ok_or(HypervisorError::NoSuchDomain { uuid })?;
+        let config = replace_metadata(&d.config.xml, metadata).map_err(err)?;
+        let live = match &d.live {
+            Some(l) => Some(replace_metadata(&l.xml, metadata).map_err(err)?),
+            None => None,
+        };
+        d.config.xml = config;
+        if let (Some(l), Some(xml)) = (d.live.as_mut(), live) {
+            l.xml = xml;
         }
         Ok(())
     }
@@ -836,5 +1076,52 @@ mod tests {
         assert_eq!(c2.read(&mut buf).unwrap(), 0);
         c2.close();
         assert_eq!(c2.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn nics_hot_plug_like_libvirt() {
+        use crate::compute::domain_xml::{read_metadata, read_nics, render_nic, NicAttachment};
+        let hv = FakeHypervisor::new();
+        let u = Uuid::new_v4();
+        hv.define(&xml(u, "n", 1)).unwrap();
+        let nic = render_nic(&NicAttachment {
+            mac: "52:54:00:00:00:01".into(),
+            bridge: "br0".into(),
+            model: "virtio".into(),
+            target_dev: None,
+        })
+        .unwrap();
+        let macs = |xml: &str| read_nics(xml).unwrap().len();
+        // Stopped: the persistent definition only.
+        hv.attach_device(u, &nic).unwrap();
+        assert_eq!(macs(&hv.xml(u).unwrap()), 1);
+        assert!(
+            hv.attach_device(u, &nic).is_err(),
+            "the MAC is there already"
+        );
+        hv.start(u).unwrap();
+        hv.detach_device(u, &nic).unwrap();
+        let d = hv.domain(u).unwrap();
+        assert_eq!(macs(&d.config.xml), 0, "out of the definition at once");
+        assert_eq!(
+            macs(&d.live.unwrap().xml),
+            1,
+            "the guest has not let go yet"
+        );
+        assert_eq!(macs(&hv.xml(u).unwrap()), 0, "gone by the next look");
+        hv.detach_device(u, &nic).unwrap();
+        hv.attach_device(u, &nic).unwrap();
+        let d = hv.domain(u).unwrap();
+        assert_eq!((macs(&d.config.xml), macs(&d.live.unwrap().xml)), (1, 1));
+        let m = KeelMetadata {
+            vm_id: "n".into(),
+            generation: 5,
+        };
+        hv.set_metadata(u, &m).unwrap();
+        hv.set_metadata(u, &m).unwrap();
+        let d = hv.domain(u).unwrap();
+        assert_eq!(read_metadata(&d.config.xml).unwrap(), Some(m.clone()));
+        assert_eq!(read_metadata(&d.live.unwrap().xml).unwrap(), Some(m));
+        assert!(hv.attach_device(u, "<disk/>").is_err());
     }
 }

@@ -114,6 +114,24 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn reset(&self, uuid: Uuid) -> Result<(), HypervisorError>;
     /// Removes the definition (and its managed save and NVRAM). An absent domain succeeds.
     fn undefine(&self, uuid: Uuid) -> Result<(), HypervisorError>;
+    /// Adds a device (an `<interface>` from [`super::domain_xml::render_nic`]) to the
+    /// domain: to the running guest (hot-plug) while it is active, and to its persistent
+    /// definition, in one call (`VIR_DOMAIN_AFFECT_LIVE | CONFIG`).
+    fn attach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError>;
+    /// Removes a device from the persistent definition and, while the domain is active,
+    /// asks the guest to release it. The live removal is asynchronous (the guest
+    /// acknowledges the PCI unplug, or never does): the device is gone once the live XML
+    /// ([`Hypervisor::xml`]) no longer has it. A device already absent from the live or
+    /// the persistent definition is removed from the other one only; absent from both
+    /// succeeds. Asking again while an unplug is pending repeats the request.
+    fn detach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError>;
+    /// Replaces Keel's metadata element (namespace `urn:keel:vm:1`) in the live XML while
+    /// the domain is active and in the persistent definition.
+    fn set_metadata(
+        &self,
+        uuid: Uuid,
+        metadata: &super::domain_xml::KeelMetadata,
+    ) -> Result<(), HypervisorError>;
     /// Live-migrates a running domain and blocks until it finished or failed. On success
     /// the domain runs on the destination, persistent there and undefined here.
     fn migrate(&self, uuid: Uuid, request: &MigrationRequest) -> Result<(), HypervisorError>;

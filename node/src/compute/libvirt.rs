@@ -15,13 +15,17 @@
 //!   and reopened when dead, so a restarted libvirtd is picked up. A call that fails
 //!   *because* the connection died under it is run once more on a new connection: every
 //!   operation here either re-reads the domain's state first or is harmless to repeat
-//!   (define, shutdown, reset). Migration is the exception (its outcome must be looked
-//!   at, not repeated). Keepalive is on (every 5 s, 3 misses): a daemon that hangs
+//!   (define, shutdown, reset, detach, metadata). Migration and device attach are the
+//!   exceptions (their outcome must be looked at, not repeated). Keepalive is on (every 5 s, 3 misses): a daemon that hangs
 //!   instead of dying closes the connection after ~20 s rather than blocking calls
 //!   forever. `virt::Connect` has no `Drop`; [`Conn`] closes it.
 //! * **Idempotence**: start of an active domain, destroy/shutdown of an inactive one and
 //!   undefine/destroy of an absent one succeed; the state is checked before the call and
 //!   again when libvirt reports `OPERATION_INVALID` (a concurrent change between the two).
+//!   Device changes (NIC hot-plug) and metadata go to the live domain while it is active
+//!   and to the persistent definition (`VIR_DOMAIN_AFFECT_LIVE | CONFIG`); a detach of a
+//!   device already gone from one of the two (`DEVICE_MISSING`) finishes on the other.
+//!   An attach is not repeatable: the caller compares the live XML first.
 //! * **Errors**: every failure becomes a [`HypervisorError`] naming the operation and the
 //!   domain UUID, with the libvirt error boxed as its `source`; "no such domain" becomes
 //!   [`HypervisorError::NoSuchDomain`]. `virt` panics on strings with NUL bytes
@@ -68,6 +72,11 @@ pub enum LibvirtError {
     },
     #[error("no such domain")]
     NoSuchDomain,
+    #[error("cannot render Keel's metadata element")]
+    Metadata {
+        #[source]
+        source: domain_xml::DomainXmlError,
+    },
     #[error("cannot read libvirt's capabilities XML")]
     Capabilities {
         #[source]
@@ -231,6 +240,19 @@ fn map_state(state: virt::sys::virDomainState) -> DomainState {
     }
 }
 
+/// `VIR_DOMAIN_AFFECT_*` for a change that must reach both what runs now and what the
+/// next start uses: live while active, config while persistent.
+fn affect_both(dom: &Domain) -> Result<u32, VirtError> {
+    let mut flags = 0;
+    if dom.is_active()? {
+        flags |= virt::sys::VIR_DOMAIN_AFFECT_LIVE;
+    }
+    if dom.is_persistent()? {
+        flags |= virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+    }
+    Ok(flags)
+}
+
 fn domain_info(dom: &Domain) -> Result<DomainInfo, VirtError> {
     let info = dom.get_info()?;
     Ok(DomainInfo {
@@ -371,6 +393,17 @@ impl Libvirt {
             r => r,
         };
         result.map_err(|fail| classify(operation, uuid, fail))
+    }
+
+    /// Runs `f` on the connection once, for calls that must not be repeated blindly.
+    fn call_once<T>(
+        &self,
+        operation: &'static str,
+        uuid: Option<Uuid>,
+        f: impl FnOnce(&Connect) -> Result<T, Fail>,
+    ) -> Result<T, HypervisorError> {
+        let conn = self.connection()?;
+        f(&conn.0).map_err(|fail| classify(operation, uuid, fail))
     }
 }
 
@@ -526,6 +559,80 @@ impl Hypervisor for Libvirt {
                 Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
                 Err(e) => Err(e.into()),
             }
+        })
+    }
+
+    fn attach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError> {
+        // Not retried on a new connection: an attach that happened before the old one
+        // died would be made twice (libvirt does not refuse a second NIC with the same
+        // MAC). The caller reads the live XML again and decides.
+        self.call_once("attach_device", Some(uuid), |c| {
+            no_nul("device XML", xml)?;
+            let dom = require(c, uuid)?;
+            // libvirt applies both or neither (the persistent definition is saved only
+            // once the hot-plug succeeded).
+            dom.attach_device_flags(xml, affect_both(&dom)?)?;
+            Ok(())
+        })
+    }
+
+    fn detach_device(&self, uuid: Uuid, xml: &str) -> Result<(), HypervisorError> {
+        self.call("detach_device", Some(uuid), |c| {
+            no_nul("device XML", xml)?;
+            let dom = require(c, uuid)?;
+            let flags = affect_both(&dom)?;
+            // For a live detach libvirt sends the unplug request and waits up to 5 s for
+            // the guest; it returns success either way (the device then stays in the live
+            // XML until the guest lets go of it).
+            match dom.detach_device_flags(xml, flags) {
+                Ok(_) => Ok(()),
+                Err(e) if e.code() == ErrorNumber::DeviceMissing => {
+                    // Gone from one of the two already (typically: an unplug the guest
+                    // has not finished leaves it in the live XML only).
+                    for one in [
+                        virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+                        virt::sys::VIR_DOMAIN_AFFECT_CONFIG,
+                    ] {
+                        if flags & one == 0 {
+                            continue;
+                        }
+                        match dom.detach_device_flags(xml, one) {
+                            Ok(_) => {}
+                            Err(e) if e.code() == ErrorNumber::DeviceMissing => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn set_metadata(
+        &self,
+        uuid: Uuid,
+        metadata: &domain_xml::KeelMetadata,
+    ) -> Result<(), HypervisorError> {
+        let element = domain_xml::render_metadata_element(metadata).map_err(|source| {
+            classify(
+                "set_metadata",
+                Some(uuid),
+                Fail::Other(LibvirtError::Metadata { source }),
+            )
+        })?;
+        self.call("set_metadata", Some(uuid), |c| {
+            let dom = require(c, uuid)?;
+            // Replaces the element libvirt holds for this namespace URI (the prefix is
+            // libvirt's to choose; readers go by the URI).
+            dom.set_metadata(
+                virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some(domain_xml::KEEL_METADATA_PREFIX),
+                Some(domain_xml::KEEL_METADATA_NS),
+                affect_both(&dom)?,
+            )?;
+            Ok(())
         })
     }
 

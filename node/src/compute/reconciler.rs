@@ -14,6 +14,13 @@
 //!    │
 //!    ├─ not defined, or defined from an older generation while shut off:
 //!    │      fetch template if missing → create disks/seed → define
+//!    ├─ running from an older generation, power=running (NIC attach/detach):
+//!    │      live XML: vCPUs/memory differ from the spec? → leave it (applied by the
+//!    │        redefine above once the domain is shut off)
+//!    │      else, NICs compared by MAC: wait for the bridges of new ones → attach the
+//!    │        missing (live+config) → detach the extra (live+config) → poll the live XML
+//!    │        until the guest released them (≤ 20 s, else error naming the NIC)
+//!    │        → set the metadata generation (live+config)
 //!    ├─ power=running: reboot requested? (stop-then-start, or reset if forced)
 //!    │                 not running? start
 //!    ├─ power=stopped: running? ACPI shutdown, wait ≤ stop timeout, then power off
@@ -23,7 +30,9 @@
 //!
 //! Idempotence: every step checks the hypervisor first, so running the loop again after a
 //! crash at any point (node service or libvirtd) converges to one domain in the desired
-//! state. Domains the cluster does not know are listed in the host's hypervisor report and
+//! state. A hot-plug interrupted before the metadata update finds the live NICs already
+//! matching and only records the generation; a detach the guest has not finished is asked
+//! again. Domains the cluster does not know are listed in the host's hypervisor report and
 //! left alone; a domain of a VM that the cluster placed on another host is removed here
 //! only once that host reports it running (so a VM is never lost between two hosts).
 
@@ -86,6 +95,13 @@ const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(10);
 const ACPI_REPEAT: Duration = Duration::from_secs(3);
 /// How long a start waits for the network reconciler to build a guest network's bridge.
 pub const BRIDGE_WAIT: Duration = Duration::from_secs(20);
+/// How long a NIC hot-unplug waits for the guest to release the device.
+#[cfg(not(test))]
+pub const UNPLUG_WAIT: Duration = Duration::from_secs(20);
+#[cfg(test)]
+pub const UNPLUG_WAIT: Duration = Duration::from_millis(600);
+/// How often the live XML is read while waiting for a hot-unplug.
+const UNPLUG_POLL: Duration = Duration::from_millis(200);
 /// Retry delay after a failed step.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(2);
 
@@ -567,6 +583,14 @@ pub fn converge(
             dom = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
         }
         let state = dom.map_or(DomainState::ShutOff, |d| d.state);
+        if vm.power == PowerIntent::Running
+            && state == DomainState::Running
+            && generation != vm.generation
+        {
+            if let Some(g) = hot_plug_nics(hv, uuid, vm)? {
+                generation = g;
+            }
+        }
         match vm.power {
             PowerIntent::Running => {
                 if vm.reboot_seq > *reboot_done && state == DomainState::Running {
@@ -653,6 +677,111 @@ fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), 
         tracing::info!(%uuid, timeout_s, "compute: guest did not power off in time; forcing");
     }
     hv.destroy(uuid).map_err(|e| error_chain(&e))
+}
+
+/// The VM's NICs as the domain carries them (a full definition and a hot-plug alike).
+pub fn nic_attachments(vm: &Vm) -> Vec<NicAttachment> {
+    vm.spec
+        .nics
+        .iter()
+        .map(|n| NicAttachment {
+            mac: n.mac.clone().unwrap_or_default().to_ascii_lowercase(),
+            bridge: n.bridge.clone(),
+            model: "virtio".into(),
+            // Taps on guest networks get a name the firewall can match on.
+            target_dev: n
+                .network
+                .as_ref()
+                .and_then(|_| n.mac.as_deref()?.parse::<MacAddr>().ok())
+                .map(tap_name),
+        })
+        .collect()
+}
+
+/// Makes a running domain's NICs match the VM's spec without a restart: attaches the NICs
+/// its live XML lacks, detaches those the spec no longer has (and waits, bounded, for the
+/// guest to release them), then records the spec generation in the domain's metadata.
+/// Returns that generation, or `None` when the spec differs from the running domain in
+/// more than its NICs (vCPUs, memory): such changes wait for the domain's next start.
+/// Every step reads the live XML first, so a pass interrupted anywhere converges on the
+/// next one.
+fn hot_plug_nics(hv: &dyn Hypervisor, uuid: Uuid, vm: &Vm) -> Result<Option<u64>, String> {
+    let xml = hv.xml(uuid).map_err(|e| error_chain(&e))?;
+    let size = domain_xml::summarize(&xml).map_err(|e| error_chain(&e))?;
+    if size.vcpus != vm.spec.vcpus || size.memory_kib != vm.spec.memory_mib * 1024 {
+        return Ok(None);
+    }
+    let live = domain_xml::read_nics(&xml).map_err(|e| error_chain(&e))?;
+    let wanted = nic_attachments(vm);
+    let has =
+        |list: &[NicAttachment], mac: &str| list.iter().any(|n| n.mac.eq_ignore_ascii_case(mac));
+    let missing: Vec<&NicAttachment> = wanted.iter().filter(|n| !has(&live, &n.mac)).collect();
+    let extra: Vec<NicAttachment> = live
+        .iter()
+        .filter(|n| !has(&wanted, &n.mac))
+        .map(|n| NicAttachment {
+            // libvirt finds the device to remove by its MAC.
+            target_dev: None,
+            model: if n.model.is_empty() {
+                "virtio".into()
+            } else {
+                n.model.clone()
+            },
+            ..n.clone()
+        })
+        .collect();
+    if !missing.is_empty() {
+        wait_for_bridges(vm, BRIDGE_WAIT)?;
+    }
+    for nic in &missing {
+        let device = domain_xml::render_nic(nic).map_err(|e| error_chain(&e))?;
+        hv.attach_device(uuid, &device)
+            .map_err(|e| format!("hot-plugging NIC {}: {}", nic.mac, error_chain(&e)))?;
+        tracing::info!(vm = %vm.name, mac = %nic.mac, "compute: NIC hot-plugged");
+    }
+    for nic in &extra {
+        let device = domain_xml::render_nic(nic)
+            .map_err(|e| format!("NIC {} of the running domain: {}", nic.mac, error_chain(&e)))?;
+        hv.detach_device(uuid, &device)
+            .map_err(|e| format!("hot-unplugging NIC {}: {}", nic.mac, error_chain(&e)))?;
+    }
+    if !extra.is_empty() {
+        let deadline = Instant::now() + UNPLUG_WAIT;
+        loop {
+            let xml = hv.xml(uuid).map_err(|e| error_chain(&e))?;
+            let now = domain_xml::read_nics(&xml).map_err(|e| error_chain(&e))?;
+            let left: Vec<&str> = extra
+                .iter()
+                .filter(|n| has(&now, &n.mac))
+                .map(|n| n.mac.as_str())
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the guest did not release NIC {} within {} s of the hot-unplug request \
+                     (does it handle ACPI PCI hot-unplug?); the NIC is gone from the domain's \
+                     definition and leaves the guest at its next stop",
+                    left.join(", "),
+                    UNPLUG_WAIT.as_secs_f32()
+                ));
+            }
+            std::thread::sleep(UNPLUG_POLL);
+        }
+        for nic in &extra {
+            tracing::info!(vm = %vm.name, mac = %nic.mac, "compute: NIC hot-unplugged");
+        }
+    }
+    hv.set_metadata(
+        uuid,
+        &KeelMetadata {
+            vm_id: vm.id.clone(),
+            generation: vm.generation,
+        },
+    )
+    .map_err(|e| error_chain(&e))?;
+    Ok(Some(vm.generation))
 }
 
 /// Whether the VM has a root disk (`vda`): always, except a kernel boot without a root
@@ -757,22 +886,7 @@ pub fn build_domain(
         memory_mib: vm.spec.memory_mib,
         disks: attachments,
         boot,
-        nics: vm
-            .spec
-            .nics
-            .iter()
-            .map(|n| NicAttachment {
-                mac: n.mac.clone().unwrap_or_default(),
-                bridge: n.bridge.clone(),
-                model: "virtio".into(),
-                // Taps on guest networks get a name the firewall can match on.
-                target_dev: n
-                    .network
-                    .as_ref()
-                    .and_then(|_| n.mac.as_deref()?.parse::<MacAddr>().ok())
-                    .map(tap_name),
-            })
-            .collect(),
+        nics: nic_attachments(vm),
         serial_log: Some(disks.console_log.clone()),
         vnc: Some(VncSpec {
             listen: std::net::IpAddr::from([127, 0, 0, 1]),
@@ -986,5 +1100,195 @@ mod tests {
         let obs = step(&hv, &vols, &vm(), &mut done);
         assert_eq!((obs.state, obs.error), (RunState::Running, None));
         assert_eq!(hv.calls(FakeOp::Define), 1, "defined once across the retry");
+    }
+
+    fn nic(mac: &str) -> keel_cluster::model::compute::NicSpec {
+        keel_cluster::model::compute::NicSpec {
+            bridge: "br-test".into(),
+            mac: Some(mac.into()),
+            ..Default::default()
+        }
+    }
+
+    /// The MACs of the live and the persistent definition, and their metadata generation.
+    fn nics_of(hv: &FakeHypervisor, vm: &Vm) -> (Vec<String>, Vec<String>, u64, u64) {
+        let dom = hv
+            .domain(Uuid::parse_str(&vm.id).expect("uuid"))
+            .expect("domain");
+        let live = dom.live.as_ref().expect("running");
+        let macs = |xml: &str| -> Vec<String> {
+            domain_xml::read_nics(xml)
+                .expect("nics")
+                .into_iter()
+                .map(|n| n.mac)
+                .collect()
+        };
+        let generation = |xml: &str| {
+            domain_xml::read_metadata(xml)
+                .expect("metadata")
+                .expect("keel metadata")
+                .generation
+        };
+        (
+            macs(&live.xml),
+            macs(&dom.config.xml),
+            generation(&live.xml),
+            generation(&dom.config.xml),
+        )
+    }
+
+    const MAC_A: &str = "52:54:00:00:00:0a";
+    const MAC_B: &str = "52:54:00:00:00:0b";
+    const MAC_C: &str = "52:54:00:00:00:0c";
+
+    #[test]
+    fn nics_are_hot_plugged_into_a_running_domain_once() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        v.spec.nics = vec![nic(MAC_A)];
+        let mut done = 0;
+        assert_eq!(step(&hv, &vols, &v, &mut done).state, RunState::Running);
+
+        v.spec.nics.push(nic(MAC_B));
+        v.generation = 2;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(
+            (obs.state, obs.generation, obs.error.as_deref()),
+            (RunState::Running, 2, None)
+        );
+        let both = vec![MAC_A.to_string(), MAC_B.to_string()];
+        assert_eq!(nics_of(&hv, &v), (both.clone(), both, 2, 2));
+        // The attached device is what a full definition has for that NIC.
+        let dom = hv.domains().into_values().next().expect("domain");
+        let live = domain_xml::read_nics(&dom.live.expect("live").xml).expect("nics");
+        assert_eq!(live[1], nic_attachments(&v)[1]);
+        assert_eq!(
+            (hv.calls(FakeOp::Define), hv.calls(FakeOp::Start)),
+            (1, 1),
+            "no redefine, no restart"
+        );
+        assert_eq!(hv.calls(FakeOp::AttachDevice), 1);
+        // Running again changes nothing.
+        hv.reset_calls();
+        assert_eq!(step(&hv, &vols, &v, &mut done), obs);
+        let changed: Vec<FakeOp> = hv
+            .all_calls()
+            .into_keys()
+            .filter(|op| !matches!(op, FakeOp::Lookup | FakeOp::Xml))
+            .collect();
+        assert!(changed.is_empty(), "{changed:?}");
+
+        // Detach while running: gone from both definitions once the guest let go.
+        v.spec.nics.remove(0);
+        v.generation = 3;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(
+            (obs.state, obs.generation, obs.error.as_deref()),
+            (RunState::Running, 3, None)
+        );
+        let b = vec![MAC_B.to_string()];
+        assert_eq!(nics_of(&hv, &v), (b.clone(), b, 3, 3));
+        assert_eq!(hv.calls(FakeOp::DetachDevice), 1);
+        hv.reset_calls();
+        assert_eq!(step(&hv, &vols, &v, &mut done), obs);
+        assert_eq!(hv.calls(FakeOp::DetachDevice), 0);
+        assert_eq!(hv.calls(FakeOp::SetMetadata), 0);
+
+        // Stopped and started again, the domain keeps the NICs (no redefine needed).
+        v.power = PowerIntent::Stopped;
+        step(&hv, &vols, &v, &mut done);
+        v.power = PowerIntent::Running;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.generation), (RunState::Running, 3));
+        assert_eq!(hv.calls(FakeOp::Define), 0);
+    }
+
+    #[test]
+    fn a_hot_plug_interrupted_before_the_metadata_update_converges() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        v.spec.nics = vec![nic(MAC_A)];
+        let mut done = 0;
+        step(&hv, &vols, &v, &mut done);
+        v.spec.nics.push(nic(MAC_C));
+        v.generation = 2;
+        // The node service dies after the attach: modelled by the metadata update failing.
+        hv.fail_next(FakeOp::SetMetadata);
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.generation), (RunState::Running, 1));
+        assert!(obs.error.is_some());
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(
+            (obs.state, obs.generation, obs.error.as_deref()),
+            (RunState::Running, 2, None)
+        );
+        assert_eq!(hv.calls(FakeOp::AttachDevice), 1, "not attached twice");
+        let both = vec![MAC_A.to_string(), MAC_C.to_string()];
+        assert_eq!(nics_of(&hv, &v), (both.clone(), both, 2, 2));
+        // A failed attach is retried on the next pass.
+        v.spec.nics.push(nic(MAC_B));
+        v.generation = 3;
+        hv.fail_next(FakeOp::AttachDevice);
+        let obs = step(&hv, &vols, &v, &mut done);
+        let error = obs.error.expect("error");
+        assert!(error.contains(MAC_B), "{error}");
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.generation, obs.error), (3, None));
+    }
+
+    #[test]
+    fn a_guest_that_keeps_a_nic_gets_an_error_naming_it_and_a_later_pass_finishes() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        v.spec.nics = vec![nic(MAC_A), nic(MAC_B)];
+        let mut done = 0;
+        step(&hv, &vols, &v, &mut done);
+        let uuid = Uuid::parse_str(&v.id).expect("uuid");
+        hv.set_ignores_unplug(uuid, true);
+        v.spec.nics.truncate(1);
+        v.generation = 2;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.generation), (RunState::Running, 1));
+        let error = obs.error.expect("error");
+        assert!(
+            error.contains(MAC_B) && error.contains("did not release"),
+            "{error}"
+        );
+        // Out of the persistent definition already, still in the guest.
+        let (live, config, _, _) = nics_of(&hv, &v);
+        assert_eq!((live.len(), config), (2, vec![MAC_A.to_string()]));
+        // A pass while it still holds on asks again, with the same error.
+        hv.reset_calls();
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert!(obs.error.is_some_and(|e| e.contains(MAC_B)));
+        assert_eq!(hv.calls(FakeOp::DetachDevice), 1);
+        // The guest lets go at last: the next pass finishes.
+        hv.set_ignores_unplug(uuid, false);
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.generation, obs.error), (2, None));
+        let a = vec![MAC_A.to_string()];
+        assert_eq!(nics_of(&hv, &v), (a.clone(), a, 2, 2));
+    }
+
+    #[test]
+    fn other_changes_to_a_running_domain_wait_for_its_next_start() {
+        let (hv, vols) = (FakeHypervisor::new(), FakeVolumes::default());
+        let mut v = vm();
+        let mut done = 0;
+        step(&hv, &vols, &v, &mut done);
+        v.spec.vcpus = 2;
+        v.spec.nics = vec![nic(MAC_A)];
+        v.generation = 2;
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!(
+            (obs.state, obs.generation, obs.error),
+            (RunState::Running, 1, None)
+        );
+        assert_eq!(hv.calls(FakeOp::AttachDevice), 0);
+        v.power = PowerIntent::Stopped;
+        step(&hv, &vols, &v, &mut done);
+        let obs = step(&hv, &vols, &v, &mut done);
+        assert_eq!((obs.state, obs.generation), (RunState::Stopped, 2));
+        assert_eq!(hv.calls(FakeOp::Define), 2);
     }
 }

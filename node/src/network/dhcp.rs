@@ -17,7 +17,9 @@ pub struct DhcpHost {
     pub mac: MacAddr,
     pub ip: Ipv4Addr,
     /// A DNS label (the VM's name), answered as `<hostname>` and `<hostname>.<domain>`.
-    pub hostname: String,
+    /// `None` for a VM's further NICs on the same network: a name answers with one address
+    /// (that of the VM's first NIC there), and dnsmasq gives a name to one lease only.
+    pub hostname: Option<String>,
 }
 
 /// What one network's DHCP/DNS server must serve.

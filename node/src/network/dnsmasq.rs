@@ -5,8 +5,9 @@
 //! - `dnsmasq.conf`: everything except the host lists, rendered by the pure [`render`]. Its
 //!   header names the namespace, so the file describes the running instance completely:
 //!   same file (and the process still in that namespace) means same server.
-//! - `hosts.dhcp` (`dhcp-hostsfile`, lines `mac,ip,hostname`) and `hosts.dns`
-//!   (`addn-hosts`, lines `ip hostname hostname.domain`): dnsmasq re-reads both on SIGHUP.
+//! - `hosts.dhcp` (`dhcp-hostsfile`, lines `mac,ip,hostname`, or `mac,ip` for a NIC without
+//!   a name) and `hosts.dns` (`addn-hosts`, lines `ip hostname hostname.domain`): dnsmasq
+//!   re-reads both on SIGHUP.
 //! - `dnsmasq.pid`, `dnsmasq.leases`, `dnsmasq.log` (moved to `dnsmasq.log.old` beyond
 //!   [`LOG_LIMIT`]) and `start.err` (what the last start printed on stderr).
 //!
@@ -184,8 +185,13 @@ pub fn render(net: &DhcpNetwork, paths: &NetworkPaths) -> Result<Rendered, Strin
     let mut dhcp_hosts = String::new();
     let mut dns_hosts = String::new();
     for h in hosts {
-        writeln!(dhcp_hosts, "{},{},{}", h.mac, h.ip, h.hostname).unwrap();
-        writeln!(dns_hosts, "{} {} {}.{domain}", h.ip, h.hostname, h.hostname).unwrap();
+        match &h.hostname {
+            Some(name) => {
+                writeln!(dhcp_hosts, "{},{},{name}", h.mac, h.ip).unwrap();
+                writeln!(dns_hosts, "{} {name} {name}.{domain}", h.ip).unwrap();
+            }
+            None => writeln!(dhcp_hosts, "{},{}", h.mac, h.ip).unwrap(),
+        }
     }
     Ok(Rendered {
         conf: c,
@@ -269,12 +275,14 @@ fn validate(net: &DhcpNetwork) -> Result<(), String> {
     }
     let (mut macs, mut ips, mut names) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for h in &net.hosts {
-        let name = &h.hostname;
-        if !is_label(name) || name.len() + 1 + domain.len() > 253 {
-            return Err(format!(
-                "hostname {name:?} (of {}) is not a DNS label",
-                h.mac
-            ));
+        let name = h.hostname.as_deref().unwrap_or("a nameless NIC");
+        if let Some(name) = &h.hostname {
+            if !is_label(name) || name.len() + 1 + domain.len() > 253 {
+                return Err(format!(
+                    "hostname {name:?} (of {}) is not a DNS label",
+                    h.mac
+                ));
+            }
         }
         if !usable(h.ip) || h.ip == net.gateway {
             return Err(format!(
@@ -290,7 +298,7 @@ fn validate(net: &DhcpNetwork) -> Result<(), String> {
         if !ips.insert(h.ip) {
             return Err(format!("address {} appears twice", h.ip));
         }
-        if !names.insert(name.to_ascii_lowercase()) {
+        if h.hostname.is_some() && !names.insert(name.to_ascii_lowercase()) {
             return Err(format!("hostname {name} appears twice"));
         }
     }
@@ -723,7 +731,7 @@ mod tests {
         DhcpHost {
             mac: MacAddr([0x52, 0x54, 0, 0, 0, last]),
             ip: Ipv4Addr::from(ip),
-            hostname: name.into(),
+            hostname: Some(name.into()),
         }
     }
 
@@ -841,31 +849,31 @@ mod tests {
         let bad: Vec<(&str, Change)> = vec![
             (
                 "newline in hostname",
-                Box::new(|n| n.hosts[0].hostname = "a\nserver=8.8.8.8".into()),
+                Box::new(|n| n.hosts[0].hostname = Some("a\nserver=8.8.8.8".into())),
             ),
             (
                 "dot in hostname",
-                Box::new(|n| n.hosts[0].hostname = "a.b".into()),
+                Box::new(|n| n.hosts[0].hostname = Some("a.b".into())),
             ),
             (
                 "comma in hostname",
-                Box::new(|n| n.hosts[0].hostname = "a,b".into()),
+                Box::new(|n| n.hosts[0].hostname = Some("a,b".into())),
             ),
             (
                 "space in hostname",
-                Box::new(|n| n.hosts[0].hostname = "a b".into()),
+                Box::new(|n| n.hosts[0].hostname = Some("a b".into())),
             ),
             (
                 "empty hostname",
-                Box::new(|n| n.hosts[0].hostname = String::new()),
+                Box::new(|n| n.hosts[0].hostname = Some(String::new())),
             ),
             (
                 "leading hyphen",
-                Box::new(|n| n.hosts[0].hostname = "-a".into()),
+                Box::new(|n| n.hosts[0].hostname = Some("-a".into())),
             ),
             (
                 "long label",
-                Box::new(|n| n.hosts[0].hostname = "a".repeat(64)),
+                Box::new(|n| n.hosts[0].hostname = Some("a".repeat(64))),
             ),
             (
                 "newline in domain",
@@ -914,7 +922,7 @@ mod tests {
             ),
             (
                 "duplicate name",
-                Box::new(|n| n.hosts[1].hostname = "WEB".into()),
+                Box::new(|n| n.hosts[1].hostname = Some("WEB".into())),
             ),
             (
                 "gateway is network",
@@ -935,10 +943,33 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_without_a_name_gets_a_lease_and_no_dns_entry() {
+        let mut n = net();
+        n.hosts[1].hostname = None;
+        let mut third = n.hosts[0].clone();
+        third.mac = MacAddr([0x52, 0x54, 0, 0, 0, 0x77]);
+        third.ip = Ipv4Addr::new(10, 1, 2, 99);
+        third.hostname = None;
+        n.hosts.push(third);
+        let r = render(&n, &paths()).unwrap();
+        let (nameless, ip) = (n.hosts[1].clone(), n.hosts[1].ip);
+        assert!(
+            r.dhcp_hosts
+                .lines()
+                .any(|l| l == format!("{},{ip}", nameless.mac)),
+            "{}",
+            r.dhcp_hosts
+        );
+        assert!(r.dhcp_hosts.contains("52:54:00:00:00:77,10.1.2.99\n"));
+        assert!(!r.dns_hosts.contains(&ip.to_string()), "{}", r.dns_hosts);
+        assert_eq!(r.dns_hosts.lines().count(), n.hosts.len() - 2);
+    }
+
+    #[test]
     fn upper_case_and_digits_are_fine() {
         let mut n = net();
         n.domain = "Corp-1.example".into();
-        n.hosts[0].hostname = "Web-01".into();
+        n.hosts[0].hostname = Some("Web-01".into());
         assert!(render(&n, &paths()).is_ok());
     }
 

@@ -170,7 +170,7 @@ mod tests {
         DhcpHost {
             mac: MacAddr([0x52, 0x54, 0, 0, 0, last]),
             ip: Ipv4Addr::new(10, 0, 0, 10 + last),
-            hostname: name.into(),
+            hostname: Some(name.into()),
         }
     }
 
@@ -251,7 +251,7 @@ mod tests {
         );
         assert_eq!(d.running(), Vec::<u32>::new());
         let mut bad = net(3);
-        bad.hosts[0].hostname = "a\nserver=1.1.1.1".into();
+        bad.hosts[0].hostname = Some("a\nserver=1.1.1.1".into());
         assert!(matches!(
             d.ensure(&bad),
             Err(DhcpError::Invalid { vni: 3, .. })

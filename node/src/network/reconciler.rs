@@ -193,6 +193,8 @@ pub fn plan(me: NodeId, input: &PlanInput, router_netns: &dyn Fn(u32) -> PathBuf
         let mut remote_macs = BTreeMap::new();
         let mut dhcp_hosts = Vec::new();
         let mut local_taps = BTreeSet::new();
+        // VMs whose name is given already: a VM's name is its first NIC's on a network.
+        let mut named = BTreeSet::new();
         for port in &view.ports {
             let Ok(mac) = port.mac.parse::<MacAddr>() else {
                 out.problems
@@ -202,7 +204,9 @@ pub fn plan(me: NodeId, input: &PlanInput, router_netns: &dyn Fn(u32) -> PathBuf
             dhcp_hosts.push(DhcpHost {
                 mac,
                 ip: port.ip,
-                hostname: port.vm_name.clone(),
+                hostname: named
+                    .insert(port.vm_id.as_str())
+                    .then(|| port.vm_name.clone()),
             });
             match port.host {
                 Some(h) if h != me && port.also_on != Some(me) => {
@@ -679,6 +683,38 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_with_two_nics_on_one_network_gives_its_name_to_the_first() {
+        let mut i = input();
+        i.vms[0] = vm(
+            "a",
+            Some(1),
+            &[
+                ("blue", "52:54:00:00:00:0a", "10.0.0.2", &["web"]),
+                ("blue", "52:54:00:00:00:1a", "10.0.0.9", &[]),
+            ],
+        );
+        let p = plan(1, &i, &ns);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        let blue = &p.networks[0];
+        let hosts: Vec<(String, Option<&str>)> = blue
+            .dhcp
+            .hosts
+            .iter()
+            .map(|h| (h.ip.to_string(), h.hostname.as_deref()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("10.0.0.2".to_string(), Some("a")),
+                ("10.0.0.3".to_string(), Some("b")),
+                ("10.0.0.4".to_string(), Some("d")),
+                ("10.0.0.9".to_string(), None),
+            ]
+        );
+        assert_eq!(p.firewall.ports.len(), 2, "both taps are filtered");
+    }
+
+    #[test]
     fn plan_builds_only_networks_with_local_vms() {
         let p = plan(1, &input(), &ns);
         assert!(p.problems.is_empty(), "{:?}", p.problems);
@@ -712,7 +748,7 @@ mod tests {
             .dhcp
             .hosts
             .iter()
-            .map(|h| h.hostname.as_str())
+            .filter_map(|h| h.hostname.as_deref())
             .collect();
         assert_eq!(names, ["a", "b", "d"]);
         assert_eq!(blue.dhcp.netns, Some(ns(5000)));

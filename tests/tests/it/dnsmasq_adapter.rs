@@ -379,7 +379,7 @@ fn host(mac: MacAddr, last: u8, name: &str) -> DhcpHost {
     DhcpHost {
         mac,
         ip: Ipv4Addr::new(10, 88, 0, last),
-        hostname: name.into(),
+        hostname: Some(name.into()),
     }
 }
 
@@ -542,7 +542,7 @@ fn dnsmasq_serves_a_network_through_its_whole_life() -> Result<()> {
         third,
         "a new adapter did not adopt dnsmasq"
     );
-    net.hosts.retain(|h| h.hostname != "gamma");
+    net.hosts.retain(|h| h.hostname.as_deref() != Some("gamma"));
     d2.ensure(&net)?;
     assert_eq!(lab.the_process(VNI)?, third);
     wait_until_blocking("gamma to be gone", secs(10), millis(100), || {

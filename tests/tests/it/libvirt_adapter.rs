@@ -10,6 +10,11 @@
 //! * `reconnect` — libvirtd killed (calls fail with a connect error) and restarted (the
 //!   next call reconnects; the guest kept running).
 //! * `migration` — a live migration between two hosts' daemons.
+//! * `nic_hotplug` — a NIC attached to and detached from running guests (live and
+//!   persistent definition, the tap on the bridge, Keel's metadata updated in both): on the
+//!   echo guest, which never answers the unplug request (the detach stays pending and can
+//!   be asked again), and on the tiny Linux guest (`scripts/guest-images tiny`), which
+//!   sees the new NIC and releases it.
 //!
 //! The guest is a 200-byte multiboot kernel booted directly by qemu (no disk, no OS): it
 //! prints a marker on COM1, then echoes every byte it receives there (interrupt-driven,
@@ -21,9 +26,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use keel_node::compute::domain_xml::{
-    read_metadata, render, BootMode, DomainSpec, DomainType, KeelMetadata,
+    read_metadata, read_nics, render, render_nic, BootMode, DomainSpec, DomainType, KeelMetadata,
+    NicAttachment,
 };
 use keel_node::compute::hypervisor::{
     ConsoleStream, DomainState, Hypervisor, HypervisorError, MigrationRequest,
@@ -526,5 +532,186 @@ fn migration() -> Result<()> {
     join_within(reader, secs(5))??;
     hv_dst.destroy(uuid)?;
     hv_dst.undefine(uuid)?;
+    Ok(())
+}
+
+/// The MACs of the interfaces in a domain XML.
+fn macs(xml: &str) -> Result<Vec<String>> {
+    Ok(read_nics(xml)?.into_iter().map(|n| n.mac).collect())
+}
+
+/// The tiny Linux test guest (kernel and initrd), or `None` when it was not built.
+fn tiny_guest() -> Option<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-images");
+    let (kernel, initrd) = (dir.join("keel-tiny.vmlinuz"), dir.join("keel-tiny.initrd"));
+    (kernel.exists() && initrd.exists()).then_some((kernel, initrd))
+}
+
+/// Waits until `text` is in the file at `log`.
+fn wait_log(log: &Path, text: &str, timeout: Duration) -> Result<()> {
+    wait_until_blocking(
+        format!("{text} in {}", log.display()),
+        timeout,
+        millis(100),
+        || {
+            let got = std::fs::read_to_string(log).unwrap_or_default();
+            Ok(got.contains(text).then_some(()))
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn nic_hotplug() -> Result<()> {
+    if skipped() {
+        return Ok(());
+    }
+    let net = TestNet::new(1)?;
+    let host = LibvirtHost::start(&net, 0)?;
+    let hv = Libvirt::new(&host.uri());
+    // libvirt creates the tap in its own namespace: the bridge must be there.
+    net.exec(0, "ip", &["link", "add", "kbrhp", "type", "bridge"])?;
+    net.exec(0, "ip", &["link", "set", "kbrhp", "up"])?;
+    let nic = |mac: &str, tap: &str| NicAttachment {
+        mac: mac.into(),
+        bridge: "kbrhp".into(),
+        model: "virtio".into(),
+        target_dev: Some(tap.into()),
+    };
+    let inactive = |uuid: Uuid| host.virsh(&["dumpxml", "--inactive", &uuid.to_string()]);
+
+    // The echo guest: no OS, so nothing ever answers an unplug request.
+    let kernel = write_kernel(host.dir())?;
+    let uuid = Uuid::new_v4();
+    let serial = host.dir().join("hp.serial.log");
+    hv.define(&render(&spec(uuid, &name("hp"), &kernel, &serial, 1))?)?;
+    hv.start(uuid)?;
+    wait_marker(&serial)?;
+    let a = nic("52:54:00:6b:00:01", "kt5254006b0001");
+    let t = Instant::now();
+    hv.attach_device(uuid, &render_nic(&a)?)?;
+    eprintln!("attach took {:.2?}", t.elapsed());
+    let live = read_nics(&hv.xml(uuid)?)?;
+    ensure!(
+        live.len() == 1 && live[0].mac == a.mac && live[0].bridge == "kbrhp",
+        "{live:?}"
+    );
+    ensure!(
+        live[0].target_dev.as_deref() == Some("kt5254006b0001"),
+        "{live:?}"
+    );
+    ensure!(
+        macs(&inactive(uuid)?)? == [a.mac.clone()],
+        "not in the persistent definition"
+    );
+    let link = net.exec(0, "ip", &["-o", "link", "show", "kt5254006b0001"])?;
+    ensure!(link.contains("master kbrhp"), "{link}");
+    // The generation moves in both definitions.
+    hv.set_metadata(uuid, &metadata(2))?;
+    hv.set_metadata(uuid, &metadata(2))
+        .context("set_metadata again")?;
+    ensure!(read_metadata(&hv.xml(uuid)?)? == Some(metadata(2)));
+    ensure!(read_metadata(&inactive(uuid)?)? == Some(metadata(2)));
+    let live_xml = hv.xml(uuid)?;
+    ensure!(
+        live_xml.matches("urn:keel:vm:1").count() == 1,
+        "one Keel element: {live_xml}"
+    );
+
+    // Detach: out of the persistent definition at once; the guest never lets go.
+    let t = Instant::now();
+    hv.detach_device(uuid, &render_nic(&a)?)?;
+    eprintln!("detach (unanswered) took {:.2?}", t.elapsed());
+    ensure!(
+        macs(&inactive(uuid)?)?.is_empty(),
+        "still in the persistent definition"
+    );
+    ensure!(
+        macs(&hv.xml(uuid)?)? == [a.mac.clone()],
+        "the guest cannot have released it"
+    );
+    // Asking again (the persistent definition has it no more) repeats the request only.
+    let t = Instant::now();
+    hv.detach_device(uuid, &render_nic(&a)?)
+        .context("a second detach while the first is pending")?;
+    eprintln!("second detach took {:.2?}", t.elapsed());
+    // Stopped and started, the domain runs without it.
+    hv.destroy(uuid)?;
+    hv.start(uuid)?;
+    ensure!(macs(&hv.xml(uuid)?)?.is_empty());
+    // Absent from both: succeeds.
+    hv.detach_device(uuid, &render_nic(&a)?)
+        .context("detach of an absent NIC")?;
+    // A NIC on a bridge that does not exist fails and changes nothing.
+    let nowhere = NicAttachment {
+        bridge: "kbrnone".into(),
+        ..nic("52:54:00:6b:00:09", "kt5254006b0009")
+    };
+    ensure!(hv.attach_device(uuid, &render_nic(&nowhere)?).is_err());
+    ensure!(macs(&hv.xml(uuid)?)?.is_empty() && macs(&inactive(uuid)?)?.is_empty());
+    hv.destroy(uuid)?;
+    hv.undefine(uuid)?;
+
+    // The tiny Linux guest handles ACPI PCI hot-plug: it sees the NIC and releases it.
+    let Some((vmlinuz, initrd)) = tiny_guest() else {
+        bail!("the tiny guest is missing: build it with `scripts/guest-images tiny` (scripts/test does)");
+    };
+    let uuid = Uuid::new_v4();
+    let serial = host.dir().join("hp-linux.serial.log");
+    let mut linux = spec(uuid, &name("hpl"), &vmlinuz, &serial, 1);
+    linux.memory_mib = 128;
+    linux.boot = BootMode::Kernel {
+        kernel: vmlinuz.clone(),
+        initrd: Some(initrd),
+        cmdline: "console=ttyS0".into(),
+    };
+    hv.define(&render(&linux)?)?;
+    hv.start(uuid)?;
+    let t = Instant::now();
+    wait_log(&serial, "KEEL-TINY-READY", secs(90))?;
+    eprintln!("tiny guest ready after {:.2?}", t.elapsed());
+    let b = nic("52:54:00:6b:00:02", "kt5254006b0002");
+    let t = Instant::now();
+    hv.attach_device(uuid, &render_nic(&b)?)?;
+    let console: Arc<dyn ConsoleStream> = Arc::from(hv.open_console(uuid)?);
+    let (rx, reader) = spawn_reader(console.clone());
+    // The guest's kernel probes the new virtio device; its MAC shows up as eth0.
+    let deadline = Instant::now() + secs(30);
+    loop {
+        console.write(b"cat /sys/class/net/eth0/address 2>/dev/null | sed 's/^/HP-/'\n")?;
+        match read_until(&rx, "HP-52:54:00:6b:00:02", secs(3)) {
+            Ok(_) => break,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context("the guest never saw the hot-plugged NIC"))
+            }
+            Err(_) => {}
+        }
+    }
+    eprintln!("the guest saw the NIC {:.2?} after the attach", t.elapsed());
+    let t = Instant::now();
+    hv.detach_device(uuid, &render_nic(&b)?)?;
+    wait_until_blocking(
+        "the guest to release the NIC",
+        secs(20),
+        millis(200),
+        || Ok(macs(&hv.xml(uuid)?)?.is_empty().then_some(())),
+    )?;
+    eprintln!(
+        "the guest released the NIC {:.2?} after the detach request",
+        t.elapsed()
+    );
+    ensure!(macs(&inactive(uuid)?)?.is_empty());
+    wait_until_blocking("the tap to go", secs(10), millis(100), || {
+        Ok(net
+            .exec(0, "ip", &["link", "show", "kt5254006b0002"])
+            .is_err()
+            .then_some(()))
+    })?;
+    console.write(b"test -e /sys/class/net/eth0 || echo NO''-ETH0\n")?;
+    read_until(&rx, "NO-ETH0", secs(10)).context("the guest still has eth0")?;
+    console.close();
+    join_within(reader, secs(5))??;
+    hv.destroy(uuid)?;
+    hv.undefine(uuid)?;
     Ok(())
 }

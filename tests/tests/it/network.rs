@@ -279,6 +279,60 @@ async fn guests_on_three_hosts_get_leases_resolve_and_reach_each_other() -> Resu
     .await?;
     a.eventually("ping -c1 -W2 b", secs(30)).await?;
 
+    // NICs come and go on a running VM (hot-plug): a gets a second NIC, sees it as eth1
+    // and gets its fixed address there by DHCP, then loses it again.
+    let hot_plug_started = std::time::Instant::now();
+    cli_quiet(
+        &c,
+        0,
+        &[
+            "vm",
+            "nic",
+            "attach",
+            "a",
+            "--nic",
+            "blue,ip=10.60.0.60,sg=pingable",
+        ],
+    )
+    .await?;
+    let a_view = vm_show(&c, 0, "a").await?;
+    assert_eq!(
+        a_view["nics"][1]["ip"].as_str(),
+        Some("10.60.0.60"),
+        "{a_view}"
+    );
+    let hot_mac = a_view["nics"][1]["mac"]
+        .as_str()
+        .ok_or_else(|| anyhow!("a's second NIC has no MAC: {a_view}"))?
+        .to_string();
+    a.eventually(
+        &format!("grep -qx {hot_mac} /sys/class/net/eth1/address"),
+        secs(30),
+    )
+    .await?;
+    assert!(
+        a.check(
+            "printf '#!/bin/sh\\n[ \"$1\" = bound ] && echo \"$ip\" > /tmp/eth1.ip\\nexit 0\\n' > /tmp/show-ip && chmod +x /tmp/show-ip",
+            secs(10)
+        )
+        .await?,
+        "writing a udhcpc hook in the guest"
+    );
+    a.eventually(
+        "ip link set eth1 up && udhcpc -i eth1 -n -q -t 3 -T 2 -s /tmp/show-ip && grep -qx 10.60.0.60 /tmp/eth1.ip",
+        secs(30),
+    )
+    .await?;
+    cli_quiet(&c, 0, &["vm", "nic", "detach", "a", &hot_mac]).await?;
+    assert!(
+        !a.check("test -e /sys/class/net/eth1", secs(10)).await?,
+        "eth1 is gone from the guest once the detach finished"
+    );
+    eprintln!(
+        "NIC hot-plug, DHCP on it and hot-unplug took {:.1?}",
+        hot_plug_started.elapsed()
+    );
+
     // NICs come and go on a stopped VM: c's NIC is detached (its lease is freed), a new
     // one with a fixed address is attached, and c comes back on it.
     let c_mac = vm_show(&c, 0, "c").await?["nics"][0]["mac"]
