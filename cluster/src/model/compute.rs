@@ -296,6 +296,11 @@ impl Record for VmName {
         self.name.clone()
     }
 }
+impl super::NameIndex for VmName {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -429,13 +434,7 @@ impl Record for Operation {
 
 /// Finds a VM by id or name.
 pub fn find_vm(conn: &Connection, id_or_name: &str) -> rusqlite::Result<Option<Vm>> {
-    if let Some(vm) = super::get::<Vm>(conn, id_or_name)? {
-        return Ok(Some(vm));
-    }
-    match super::get::<VmName>(conn, id_or_name)? {
-        Some(entry) => super::get::<Vm>(conn, &entry.id),
-        None => Ok(None),
-    }
+    super::find_by_id_or_name::<Vm, VmName>(conn, id_or_name)
 }
 
 /// Finds a template by id or name.

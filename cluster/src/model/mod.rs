@@ -535,6 +535,25 @@ pub fn get<T: Record>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T
         .transpose()
 }
 
+/// The name → id index entry of a record kind whose names are unique.
+pub(crate) trait NameIndex: Record {
+    fn id(&self) -> &str;
+}
+
+/// Finds a record by id, else by name through its name index `N`.
+pub(crate) fn find_by_id_or_name<T: Record, N: NameIndex>(
+    conn: &Connection,
+    id_or_name: &str,
+) -> rusqlite::Result<Option<T>> {
+    if let Some(found) = get::<T>(conn, id_or_name)? {
+        return Ok(Some(found));
+    }
+    match get::<N>(conn, id_or_name)? {
+        Some(entry) => get::<T>(conn, entry.id()),
+        None => Ok(None),
+    }
+}
+
 pub fn list<T: Record>(conn: &Connection) -> rusqlite::Result<Vec<T>> {
     let mut stmt = conn.prepare_cached("SELECT body FROM objects WHERE kind = ?1 ORDER BY id")?;
     let rows = stmt.query_map(params![T::KIND], |row| row.get::<_, String>(0))?;

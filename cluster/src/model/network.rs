@@ -327,6 +327,11 @@ impl Record for NetworkName {
         self.name.clone()
     }
 }
+impl super::NameIndex for NetworkName {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct VniUse {
@@ -361,13 +366,7 @@ fn lease_key(network_id: &str, ip: Ipv4Addr) -> String {
 }
 
 pub fn find_network(conn: &Connection, id_or_name: &str) -> rusqlite::Result<Option<Network>> {
-    if let Some(n) = super::get::<Network>(conn, id_or_name)? {
-        return Ok(Some(n));
-    }
-    match super::get::<NetworkName>(conn, id_or_name)? {
-        Some(entry) => super::get::<Network>(conn, &entry.id),
-        None => Ok(None),
-    }
+    super::find_by_id_or_name::<Network, NetworkName>(conn, id_or_name)
 }
 
 fn require_network(conn: &Connection, id_or_name: &str) -> Result<Network, CommandError> {
@@ -687,15 +686,14 @@ impl Record for SecurityGroupName {
         self.name.clone()
     }
 }
+impl super::NameIndex for SecurityGroupName {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
 
 pub fn find_group(conn: &Connection, id_or_name: &str) -> rusqlite::Result<Option<SecurityGroup>> {
-    if let Some(g) = super::get::<SecurityGroup>(conn, id_or_name)? {
-        return Ok(Some(g));
-    }
-    match super::get::<SecurityGroupName>(conn, id_or_name)? {
-        Some(entry) => super::get::<SecurityGroup>(conn, &entry.id),
-        None => Ok(None),
-    }
+    super::find_by_id_or_name::<SecurityGroup, SecurityGroupName>(conn, id_or_name)
 }
 
 fn require_group(conn: &Connection, id_or_name: &str) -> Result<SecurityGroup, CommandError> {
