@@ -50,14 +50,14 @@ struct Sizes {
 
 /// min / p50 / max of a set of samples in ms.
 #[derive(Debug, Clone)]
-struct Summary {
-    samples: Vec<f64>,
-    p50: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Summary {
+    pub(crate) samples: Vec<f64>,
+    pub(crate) p50: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
-fn summary(samples: Vec<f64>) -> Summary {
+pub(crate) fn summary(samples: Vec<f64>) -> Summary {
     let mut s = samples.clone();
     s.sort_by(f64::total_cmp);
     let n = s.len();
@@ -74,7 +74,7 @@ fn summary(samples: Vec<f64>) -> Summary {
     }
 }
 
-fn summary_json(s: &Summary) -> Value {
+pub(crate) fn summary_json(s: &Summary) -> Value {
     json!({"p50": s.p50, "min": s.min, "max": s.max, "samples": s.samples})
 }
 
@@ -89,7 +89,7 @@ fn mib(kib: u64) -> f64 {
 }
 
 /// The tiny template: `$KEEL_TINY_IMAGE`, else `target/guest-images/keel-tiny.qcow2`.
-fn tiny_image() -> Result<PathBuf> {
+pub(crate) fn tiny_image() -> Result<PathBuf> {
     let path = std::env::var_os("KEEL_TINY_IMAGE").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/guest-images/keel-tiny.qcow2"),
         PathBuf::from,
@@ -274,7 +274,7 @@ async fn vm_create(
 }
 
 /// (VM id, host index) of a VM.
-async fn vm_place(c: &TestCluster, i: usize, name: &str) -> Result<(String, usize)> {
+pub(crate) async fn vm_place(c: &TestCluster, i: usize, name: &str) -> Result<(String, usize)> {
     let v = c.cli(i, &["vm", "show", name]).await?;
     let id = v["id"]
         .as_str()
@@ -369,7 +369,7 @@ async fn submit_creates(
 
 /// Deletes every VM of the cluster (without waiting for each) and waits until none is
 /// left, on the cluster nor on any libvirtd.
-async fn delete_all(c: &TestCluster, i: usize) -> Result<()> {
+pub(crate) async fn delete_all(c: &TestCluster, i: usize) -> Result<()> {
     let vms = c.cli(i, &["vm", "list"]).await?;
     for vm in vms.as_array().into_iter().flatten() {
         if let Some(name) = vm["name"].as_str() {

@@ -13,12 +13,19 @@
 //! `compute` (`target/bench/compute.json`): VMs through the API against plain `virsh`,
 //! VMs created per minute, node service RSS with 50 VMs; see `bench/compute.rs`.
 //!
-//! Usage: `keel-bench [cluster|compute|all] [--out FILE] [--quick]` (root; `KEEL_BIN`
+//! `network` (`target/bench/network.json`): guest-network throughput over the VXLAN
+//! overlay against the underlay (iperf3 between namespaces that stand in for two VMs'
+//! NICs on different hosts), and how long a security-group rule takes from the API to
+//! every host's nftables and to the first packet it lets through; see `bench/network.rs`.
+//!
+//! Usage: `keel-bench [cluster|compute|network|all] [--out FILE] [--quick]` (root; `KEEL_BIN`
 //! names the keel binary, `./scripts/bench` builds release binaries and runs this;
 //! `--out` only with a single benchmark).
 
 #[path = "../bench/compute.rs"]
 mod compute;
+#[path = "../bench/network.rs"]
+mod network;
 
 use std::time::{Duration, Instant};
 
@@ -224,15 +231,17 @@ async fn main() -> Result<()> {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = Some(it.next().context("--out needs a file")?),
-            "cluster" | "compute" | "all" if which.is_none() => which = Some(a),
+            "cluster" | "compute" | "network" | "all" if which.is_none() => which = Some(a),
             _ => anyhow::bail!(
-                "unknown argument {a:?}; usage: keel-bench [cluster|compute|all] [--out FILE] [--quick]"
+                "unknown argument {a:?}; usage: keel-bench [cluster|compute|network|all] [--out FILE] [--quick]"
             ),
         }
     }
     let which = which.unwrap_or_else(|| "cluster".into());
     if which == "all" && out.is_some() {
-        anyhow::bail!("--out names the file of one benchmark: use it with cluster or compute");
+        anyhow::bail!(
+            "--out names the file of one benchmark: use it with cluster, compute or network"
+        );
     }
     if which == "cluster" || which == "all" {
         let path = out
@@ -241,8 +250,14 @@ async fn main() -> Result<()> {
         cluster_bench(quick, &path).await?;
     }
     if which == "compute" || which == "all" {
-        let path = out.unwrap_or_else(|| "target/bench/compute.json".into());
+        let path = out
+            .clone()
+            .unwrap_or_else(|| "target/bench/compute.json".into());
         compute::run(quick, &path).await?;
+    }
+    if which == "network" || which == "all" {
+        let path = out.unwrap_or_else(|| "target/bench/network.json".into());
+        network::run(quick, &path).await?;
     }
     Ok(())
 }
