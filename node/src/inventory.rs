@@ -53,6 +53,7 @@ pub fn probe() -> Inventory {
         },
         keel_version: env!("CARGO_PKG_VERSION").to_string(),
         hypervisor: None,
+        network: None,
     }
 }
 

@@ -316,6 +316,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         tokio::spawn(compute.run(shutdown.clone()));
     }
     // Guest networks: only hosts that run VMs build them.
+    let network_report = Arc::new(std::sync::Mutex::new(None));
     if !config.witness {
         let links = Netlink::new(config.netns_dir()).map_err(|source| ServeError::Network {
             path: config.netns_dir(),
@@ -334,6 +335,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
             },
             resync: Duration::from_millis(config.network.resync_interval_ms),
             status: Default::default(),
+            report: network_report.clone(),
         });
         tokio::spawn(network.run(shutdown.clone()));
     }
@@ -341,6 +343,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         db.clone(),
         config.clone(),
         hypervisor_report,
+        network_report,
         shutdown.clone(),
     ));
     tokio::spawn(duties::run(
@@ -538,6 +541,7 @@ async fn agent(
     db: ClusterDb,
     config: NodeConfig,
     hypervisor: Arc<std::sync::Mutex<Option<HypervisorReport>>>,
+    network: Arc<std::sync::Mutex<Option<keel_cluster::model::NetworkReport>>>,
     stop: CancellationToken,
 ) {
     let mut beat =
@@ -546,6 +550,7 @@ async fn agent(
     let inventory_every = Duration::from_secs(60);
     let mut last_inventory: Option<std::time::Instant> = None;
     let mut last_hypervisor: Option<HypervisorReport> = None;
+    let mut last_network = None;
     let mut roles_given = config.network.roles.is_empty();
     loop {
         tokio::select! {
@@ -565,10 +570,16 @@ async fn agent(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        // A change of the hypervisor's availability matters to placement at once; the
-        // rest of the inventory is refreshed every minute.
+        let net_report = network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // A change of the hypervisor's availability matters to placement at once, a
+        // network problem to the operator; the rest of the inventory is refreshed every
+        // minute.
         if last_inventory.is_some_and(|t| t.elapsed() < inventory_every)
             && hv_report == last_hypervisor
+            && net_report == last_network
         {
             continue;
         }
@@ -582,6 +593,7 @@ async fn agent(
             }
         }
         inventory.hypervisor = hv_report.clone();
+        inventory.network = net_report.clone();
         let current = db
             .reader()
             .read(|c| model::host(c, node_id))
@@ -591,6 +603,7 @@ async fn agent(
         if current.as_ref() == Some(&inventory) {
             last_inventory = Some(std::time::Instant::now());
             last_hypervisor = hv_report;
+            last_network = net_report;
             continue;
         }
         match db
@@ -604,6 +617,7 @@ async fn agent(
             Ok(_) => {
                 last_inventory = Some(std::time::Instant::now());
                 last_hypervisor = hv_report;
+                last_network = net_report;
             }
             Err(e) => {
                 tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying")

@@ -17,9 +17,9 @@ use openraft::ServerState;
 use crate::api::types::{
     AffinityGroupView, ClusterView, DiskView, GroupPolicy, HostNetworkView, HostNetworksView,
     HostView, HypervisorView, InventoryView, MemberView, NetworkDetailView, NetworkLeaseView,
-    NetworkView, NicView, OperationView, RuleDirection, RuleProtocol, SecurityGroupView,
-    SecurityRuleView, TemplateFormat, TemplateView, VmBoot, VmDetailView, VmNicView,
-    VmObservedView, VmView,
+    NetworkReportView, NetworkView, NicView, OperationView, RuleDirection, RuleProtocol,
+    SecurityGroupView, SecurityRuleView, TemplateFormat, TemplateView, VmBoot, VmDetailView,
+    VmNicView, VmObservedView, VmView,
 };
 
 fn state_name(state: ServerState) -> &'static str {
@@ -144,6 +144,10 @@ pub fn host_views(db: &ClusterDb, hosts: Vec<Host>) -> Vec<HostView> {
                     hypervisor_version: hv.hypervisor_version,
                     error: hv.error,
                     unmanaged_domains: hv.unmanaged_domains,
+                }),
+                network: i.network.map(|n| NetworkReportView {
+                    vnis: n.vnis,
+                    errors: n.errors,
                 }),
             });
             HostView {

@@ -26,7 +26,7 @@ pub(crate) fn display<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
 }
 
 /// Runs `program args…`, feeding `stdin` when given; returns stdout on success.
-pub(crate) fn run_with_input<S: AsRef<OsStr>>(
+pub fn run_with_input<S: AsRef<OsStr>>(
     program: &str,
     args: &[S],
     stdin: Option<&str>,
@@ -58,7 +58,7 @@ pub(crate) fn run_with_input<S: AsRef<OsStr>>(
     check(command, out)
 }
 
-pub(crate) fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String, CmdError> {
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Result<String, CmdError> {
     run_with_input(program, args, None)
 }
 
@@ -82,7 +82,7 @@ fn check(command: String, out: Output) -> Result<String, CmdError> {
 
 /// The full path of `tool` on `PATH` (plus the sbin directories a non-login root shell
 /// may lack).
-pub(crate) fn which(tool: &str) -> Option<PathBuf> {
+pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))

@@ -21,18 +21,21 @@
 //! * [`wait`] — bounded polling; tests never sleep blindly.
 //! * [`cluster`] — [`cluster::TestCluster`]: n `keel serve` hosts plus CLI and HTTPS clients.
 //! * [`libvirt`] — [`libvirt::LibvirtHost`]: a private libvirtd (and virtlogd) per host.
+//! * [`standin`] — [`standin::StandIn`]: a stand-in VM (a namespace on a veth whose other
+//!   end is a bridge port), nftables scripts into a host, pings from a namespace.
+//! * [`cmd`] — running host tools with errors that say what failed; `which`.
 //!
 //! All of it needs root (namespaces, veth, bridges, nftables). Tests call
 //! [`skip_reason`] (or the [`skip_unless_root!`] macro) first and skip with a printed
 //! reason when the machine cannot run them.
 
 pub mod cluster;
+pub mod cmd;
 pub mod libvirt;
 pub mod netns;
 pub mod process;
+pub mod standin;
 pub mod wait;
-
-mod cmd;
 
 pub use cluster::{ApiClient, ClusterOptions, TestCluster};
 pub use cmd::CmdError;
@@ -54,6 +57,16 @@ pub fn skip_reason() -> Option<String> {
         }
     }
     None
+}
+
+/// [`skip_reason`], or why not when one of `tools` is not installed.
+pub fn skip_reason_with(tools: &[&str]) -> Option<String> {
+    skip_reason().or_else(|| {
+        tools
+            .iter()
+            .find(|t| cmd::which(t).is_none())
+            .map(|t| format!("`{t}` is not installed (run scripts/install-deps as root)"))
+    })
 }
 
 /// Returns early from a test (with `Ok(())` when the test returns a `Result`, `()`

@@ -189,6 +189,19 @@ pub struct Inventory {
     /// The hypervisor as the host's compute service sees it (`None`: not reported).
     #[serde(default)]
     pub hypervisor: Option<HypervisorReport>,
+    /// The host's guest networks as its network service last converged them (`None`: not
+    /// reported).
+    #[serde(default)]
+    pub network: Option<NetworkReport>,
+}
+
+/// What a host's network reconciler built, and what it could not.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkReport {
+    /// VNIs of the guest networks present on the host.
+    pub vnis: Vec<u32>,
+    /// Problems of the last pass (empty: converged).
+    pub errors: Vec<String>,
 }
 
 /// The host's hypervisor connection and what it can run.

@@ -94,6 +94,16 @@ pub struct InventoryView {
     pub reported_at_ms: Option<u64>,
     /// The host's hypervisor as its compute service last saw it.
     pub hypervisor: Option<HypervisorView>,
+    /// The host's guest networks as its network service last converged them.
+    pub network: Option<NetworkReportView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NetworkReportView {
+    /// VNIs of the guest networks built on the host.
+    pub vnis: Vec<u32>,
+    /// Problems of the last pass (empty: converged).
+    pub errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

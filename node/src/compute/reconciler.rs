@@ -70,7 +70,7 @@ pub fn wait_for_bridges(vm: &Vm, limit: Duration) -> Result<(), String> {
         while !path.exists() {
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "the bridge {} of its network is not on this host after {} s: see the node's network status",
+                    "the bridge {} of its network is not on this host after {} s: see the host's network errors in `keel node list -o json`",
                     nic.bridge,
                     limit.as_secs()
                 ));

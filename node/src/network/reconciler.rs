@@ -31,7 +31,7 @@ use keel_cluster::model::network::{
     host_networks_from, network_views_from, Direction, FloatingIp, HostNetworks, NetRole, Network,
     NetworkView, RuleProtocol, RuleRemote, SecurityGroup,
 };
-use keel_cluster::model::{self, Host};
+use keel_cluster::model::{self, Host, NetworkReport};
 use keel_cluster::types::NodeId;
 use keel_cluster::{error_chain, ClusterDb};
 use tokio_util::sync::CancellationToken;
@@ -383,6 +383,8 @@ pub struct NetworkHost {
     pub adapters: NetworkAdapters,
     pub resync: Duration,
     pub status: Mutex<NetworkStatus>,
+    /// The outcome of the last pass for the host's inventory report (the agent sends it).
+    pub report: Arc<Mutex<Option<NetworkReport>>>,
 }
 
 impl NetworkHost {
@@ -429,6 +431,11 @@ impl NetworkHost {
                             } else {
                                 last_plan = Some(p);
                             }
+                            *self.report.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(NetworkReport {
+                                    vnis: status.networks.clone(),
+                                    errors: status.errors.clone(),
+                                });
                             *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
                         }
                         Err(e) => tracing::error!(error = %e, "network: pass panicked"),

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use keel_tests::cluster::{ApiClient, ClusterOptions, TestCluster};
+use keel_tests::standin::{StandIn, StandInSpec};
 use keel_tests::wait::{abort, millis, secs, wait_until, wait_until_blocking};
 use serde_json::{json, Value};
 
@@ -224,99 +225,27 @@ struct Net {
     vni: u64,
     mtu: u32,
     prefix_len: u8,
-    gateway: String,
+    gateway: Ipv4Addr,
 }
 
-/// A namespace that has taken over a stopped VM's NIC (see the module header).
-struct StandIn {
-    ns: String,
-    /// The namespace of the VM's host.
-    host_ns: String,
-    tap: String,
-}
-
-impl StandIn {
-    fn create(c: &TestCluster, slot: usize, vm: &Vm, net: &Net) -> Result<Self> {
-        let ns = format!("kn{}-{slot}", c.net().run_id());
-        let host_ns = c.net().ns(vm.host);
-        sh(&["ip", "netns", "add", &ns])?;
-        // From here on, Drop removes it.
-        let s = StandIn {
-            ns: ns.clone(),
-            host_ns: host_ns.clone(),
-            tap: vm.tap.clone(),
-        };
-        let mtu = net.mtu.to_string();
-        let bridge = format!("kbr{}", net.vni);
-        sh(&[
-            "ip", "-n", &host_ns, "link", "add", &vm.tap, "mtu", &mtu, "type", "veth", "peer",
-            "name", "eth0", "netns", &ns,
-        ])?;
-        sh(&[
-            "ip", "-n", &host_ns, "link", "set", &vm.tap, "master", &bridge, "up",
-        ])?;
-        // The guest's side: no IPv6 (the firewall lets a tap send only IPv4 and ARP).
-        let _ = ns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        let _ = ns_exec(&ns, &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"]);
-        let script = format!(
-            "link set lo up\nlink set eth0 address {} mtu {mtu}\nlink set eth0 up\n\
-             addr add {}/{} dev eth0\nroute add default via {}\n",
-            vm.mac, vm.ip, net.prefix_len, net.gateway
-        );
-        let out = Command::new("ip")
-            .args(["-n", &ns, "-batch", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                use std::io::Write as _;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped stdin")
-                    .write_all(script.as_bytes())?;
-                child.wait_with_output()
-            })
-            .context("ip -batch in the stand-in")?;
-        if !out.status.success() {
-            bail!(
-                "configuring eth0 in {ns}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(s)
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        // Whatever still runs in it was started by this bench (the servers are dropped
-        // first, so normally nothing).
-        if let Ok(pids) = sh(&["ip", "netns", "pids", &self.ns]) {
-            for pid in pids
-                .split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok())
-            {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let _ = wait_until_blocking(
-            format!("processes in {} to exit", self.ns),
-            secs(5),
-            millis(20),
-            || {
-                let pids = sh(&["ip", "netns", "pids", &self.ns]).unwrap_or_default();
-                Ok(pids.trim().is_empty().then_some(()))
-            },
-        );
-        // Deleting the namespace deletes eth0 and with it its peer, the tap.
-        let _ = sh(&["ip", "netns", "del", &self.ns]);
-        let _ = sh(&["ip", "-n", &self.host_ns, "link", "del", &self.tap]);
-    }
+/// A namespace that takes over a stopped VM's NIC (see the module header).
+fn stand_in(c: &TestCluster, slot: usize, vm: &Vm, net: &Net) -> Result<StandIn> {
+    StandIn::create(
+        c.net(),
+        &StandInSpec {
+            slot,
+            host: Some(vm.host),
+            port: &vm.tap,
+            bridge: &format!("kbr{}", net.vni),
+            mac: Some(&vm.mac),
+            mtu: Some(net.mtu),
+            addr: vm.ip,
+            prefix_len: net.prefix_len,
+            gateway: Some(net.gateway),
+            // The firewall lets a tap send only IPv4 and ARP.
+            no_ipv6: true,
+        },
+    )
 }
 
 /// A 3-node cluster with a libvirtd per host, the tiny template imported, and every host
@@ -713,14 +642,14 @@ async fn connect_round(
     port: u16,
 ) -> Result<(f64, u32)> {
     // A listener in y (the kernel completes handshakes into its backlog: no accept needed).
-    let listener: TcpListener = joined(in_ns(&y.ns, move || {
+    let listener: TcpListener = joined(in_ns(y.ns(), move || {
         TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).context("listen in stand-in y")
     }))
     .await?;
     let dst = SocketAddr::V4(SocketAddrV4::new(y_ip, port));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
     let (start_tx, start_rx) = std::sync::mpsc::channel::<Instant>();
-    let prober = in_ns(&x.ns, move || {
+    let prober = in_ns(x.ns(), move || {
         // Without the rule the SYN is dropped: the port must be closed now.
         if TcpStream::connect_timeout(&dst, millis(300)).is_ok() {
             bail!("{dst} answered before its rule was added: the security group does not filter");
@@ -806,8 +735,8 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
             .ok_or_else(|| anyhow!("no cidr: {nv}"))?,
         gateway: nv["gateway"]
             .as_str()
-            .ok_or_else(|| anyhow!("no gateway: {nv}"))?
-            .to_string(),
+            .and_then(|g| g.parse().ok())
+            .ok_or_else(|| anyhow!("no gateway: {nv}"))?,
     };
     let x = vm_info(c, leader, "x").await?;
     let y = vm_info(c, leader, "y").await?;
@@ -854,10 +783,10 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
     }
 
     // ---- stand-ins ----------------------------------------------------------------------
-    let sx = StandIn::create(c, STANDIN_SLOTS[0], &x, &net)?;
-    let sy = StandIn::create(c, STANDIN_SLOTS[1], &y, &net)?;
+    let sx = stand_in(c, STANDIN_SLOTS[0], &x, &net)?;
+    let sy = stand_in(c, STANDIN_SLOTS[1], &y, &net)?;
     for (from, to) in [(("x", &sx), &y), (("y", &sy), &x)] {
-        let ns = from.1.ns.clone();
+        let ns = from.1.ns().to_string();
         let ip = to.ip.to_string();
         wait_until(
             format!("a ping from {}'s stand-in to {} ({ip})", from.0, to.name),
@@ -877,7 +806,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
         network: net.mtu,
         vxlan: link_mtu(&host_x_ns, &format!("kvx{}", net.vni))?,
         bridge: link_mtu(&host_x_ns, &bridge)?,
-        standin: link_mtu(&sx.ns, "eth0")?,
+        standin: link_mtu(sx.ns(), "eth0")?,
     };
 
     // ---- 1. throughput ------------------------------------------------------------------
@@ -888,11 +817,11 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
     let underlay_y = c.net().ip(y.host).to_string();
     let mut overlay_server = Proc::spawn(
         "iperf3 -s in y's stand-in",
-        &sy.ns,
+        sy.ns(),
         &["iperf3", "-s", "-p", &port],
         &logs.join("iperf3-overlay.log"),
     )?;
-    overlay_server.wait_listening(&sy.ns, IPERF_PORT).await?;
+    overlay_server.wait_listening(sy.ns(), IPERF_PORT).await?;
     let mut underlay_server = Proc::spawn(
         &format!("iperf3 -s on {}", c.name(y.host)),
         &host_y_ns,
@@ -905,7 +834,7 @@ async fn phases(c: &TestCluster, sizes: &Sizes, quick: bool, out_path: &str) -> 
     let mut overlay = Vec::new();
     let mut underlay = Vec::new();
     for r in 0..sizes.iperf_rounds {
-        let o = iperf(&sx.ns, &y.ip.to_string(), sizes.iperf_secs).await?;
+        let o = iperf(sx.ns(), &y.ip.to_string(), sizes.iperf_secs).await?;
         eprintln!(
             "keel-bench: throughput round {r}: overlay {:.2} Gbit/s ({} retransmits)",
             o.gbps, o.retransmits

@@ -30,6 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use keel_node::network::dhcp::{Dhcp, DhcpError, DhcpHost, DhcpNetwork};
 use keel_node::network::dnsmasq::Dnsmasq;
 use keel_node::network::links::MacAddr;
+use keel_tests::cmd::{run, which};
 use keel_tests::process::{proc_stat, process_alive};
 use keel_tests::wait::{millis, secs, wait_until_blocking};
 
@@ -40,46 +41,14 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 const CLIENT_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x88, 0x00, 0x23]);
 const PREFIX: &str = "kdns";
 
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn skipped() -> Option<(PathBuf, PathBuf)> {
-    let reason = keel_tests::skip_reason().or_else(|| {
-        ["dnsmasq", "busybox", "nsenter"]
-            .into_iter()
-            .find(|t| find_tool(t).is_none())
-            .map(|t| format!("`{t}` is not installed (run scripts/install-deps as root)"))
-    });
-    match reason {
+    match keel_tests::skip_reason_with(&["dnsmasq", "busybox", "nsenter"]) {
         Some(reason) => {
             eprintln!("SKIPPED: {reason}");
             None
         }
-        None => Some((find_tool("dnsmasq")?, find_tool("busybox")?)),
+        None => Some((which("dnsmasq")?, which("busybox")?)),
     }
-}
-
-/// Runs a command; its stdout, or an error with its stderr.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("start {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Removes the namespaces of earlier runs whose process is gone, with whatever runs in

@@ -53,6 +53,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use keel_node::network::links::{gateway_mac, GatewayLink, Links, NetworkLinks, Underlay};
+use keel_node::network::netlink::Netlink;
 use keel_tests::cluster::{ClusterOptions, TestCluster};
 use keel_tests::process::{ManagedProcess, ProcessSpec};
 use keel_tests::wait::{millis, wait_until};
@@ -111,6 +113,55 @@ pub fn stand_in(
         .arg(if forks { "1" } else { "0" })
         .arg(if ignore_term { "1" } else { "0" });
     ManagedProcess::spawn(spec).expect("spawn stand-in")
+}
+
+/// Network `vni` for the links adapter of host `h` of `net` (`netlink_adapter`,
+/// `nat_adapter`): underlay `eth0`, tunnels to `peers`, gateway `gateway`/24 with Keel's
+/// MAC for the VNI; no remote MACs, no taps, no uplink.
+pub fn network_links(
+    net: &TestNet,
+    h: usize,
+    vni: u32,
+    mtu: u32,
+    peers: &[usize],
+    gateway: std::net::Ipv4Addr,
+) -> NetworkLinks {
+    NetworkLinks {
+        local_taps: Default::default(),
+        uplink: None,
+        vni,
+        mtu,
+        underlay: Underlay {
+            dev: "eth0".into(),
+            ip: net.ip(h),
+        },
+        peers: peers.iter().map(|&p| net.ip(p)).collect(),
+        remote_macs: Default::default(),
+        gateway: GatewayLink {
+            addr: gateway,
+            prefix_len: 24,
+            mac: gateway_mac(vni),
+        },
+    }
+}
+
+/// Runs `program args…` inside the router namespace of `vni` that `links` manages.
+pub fn in_router(links: &Netlink, vni: u32, program: &str, args: &[&str]) -> Result<String> {
+    let net_arg = format!("--net={}", links.router_netns(vni).display());
+    let mut full = vec![net_arg.as_str(), program];
+    full.extend_from_slice(args);
+    Ok(keel_tests::cmd::run("nsenter", &full)?)
+}
+
+/// Unmounts the router namespaces under `<dir>/h<h>` for `hosts` hosts that a failed test
+/// did not remove, so that the temporary directory can go.
+pub fn unmount_routers(dir: &Path, hosts: usize) {
+    for h in 0..hosts {
+        let dir = dir.join(format!("h{h}"));
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 /// Short duty timings for tests that watch health and voter changes happen.

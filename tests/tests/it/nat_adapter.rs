@@ -37,23 +37,25 @@
 //! * no uplink: `kuh`/`kun` gone, the VM is cut off; `remove` and an empty host state
 //!   leave nothing behind.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use keel_node::network::firewall::Cidr;
 use keel_node::network::links::{
-    gateway_mac, uplink_addresses, uplink_host_name, uplink_ns_name, GatewayLink, Links,
-    NetworkLinks, Underlay, Uplink, TRANSIT,
+    uplink_addresses, uplink_host_name, uplink_ns_name, Links, NetworkLinks, Uplink, TRANSIT,
 };
 use keel_node::network::nat::{FloatingNat, Forward, ForwardProtocol, HostNat, Nat, RouterNat};
 use keel_node::network::netlink::{Netlink, KEEL_RTPROT};
 use keel_node::network::nft_nat::NftNat;
+use keel_tests::cmd::{run, which};
+use keel_tests::standin::{self, in_netns, StandIn, StandInSpec};
 use keel_tests::wait::{millis, secs, wait_until_blocking};
 use keel_tests::TestNet;
+
+use super::{in_router, network_links, unmount_routers};
 use serde_json::Value;
 
 const NET: u32 = 4300;
@@ -68,17 +70,9 @@ const CIDR: Cidr = Cidr {
 const OUTSIDE: usize = 2;
 /// The port the outside listens on.
 const OUTSIDE_PORT: u16 = 7000;
-/// The nftables table (family bridge) standing in for the firewall's gateway isolation.
-const ISOLATION_TABLE: &str = "keel_gw_isolation";
 
 fn skipped() -> bool {
-    let reason = keel_tests::skip_reason().or_else(|| {
-        ["ping", "nsenter"]
-            .into_iter()
-            .find(|t| which(t).is_none())
-            .map(|t| format!("`{t}` is not installed (run scripts/install-deps as root)"))
-    });
-    match reason {
+    match keel_tests::skip_reason_with(&["ping", "nsenter"]) {
         Some(reason) => {
             eprintln!("SKIPPED: {reason}");
             true
@@ -87,52 +81,8 @@ fn skipped() -> bool {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
 fn nft_binary() -> PathBuf {
     which("nft").unwrap_or_else(|| PathBuf::from("/usr/sbin/nft"))
-}
-
-fn output(program: &str, args: &[&str]) -> Result<Output> {
-    Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("start {program}"))
-}
-
-/// Runs a command; its stdout, or an error with what it printed.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = output(program, args)?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `f` on a fresh thread inside the network namespace at `path`.
-fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("setns into {}", path.display()))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
 }
 
 /// A VM stand-in: its namespace and address.
@@ -154,7 +104,7 @@ struct Lab {
     dir: tempfile::TempDir,
     links: Vec<Netlink>,
     nat: Vec<NftNat>,
-    vms: Vec<Vm>,
+    vms: Vec<StandIn>,
 }
 
 impl Lab {
@@ -204,24 +154,11 @@ impl Lab {
         uplink: Option<&[Ipv4Addr]>,
     ) -> NetworkLinks {
         NetworkLinks {
-            vni,
-            mtu: MTU,
-            underlay: Underlay {
-                dev: "eth0".into(),
-                ip: self.net.ip(h),
-            },
-            peers: peers.iter().map(|&p| self.net.ip(p)).collect(),
-            remote_macs: BTreeMap::new(),
-            gateway: GatewayLink {
-                addr: GATEWAY,
-                prefix_len: 24,
-                mac: gateway_mac(vni),
-            },
-            local_taps: BTreeSet::new(),
             uplink: uplink.map(|fips| Uplink {
                 public_dev: "eth0".into(),
                 floating_ips: fips.iter().copied().collect(),
             }),
+            ..network_links(&self.net, h, vni, MTU, peers, GATEWAY)
         }
     }
 
@@ -268,10 +205,7 @@ impl Lab {
 
     /// Runs `program args…` inside the router namespace of `vni` on host `h`.
     fn router(&self, h: usize, vni: u32, program: &str, args: &[&str]) -> Result<String> {
-        let net_arg = format!("--net={}", self.links[h].router_netns(vni).display());
-        let mut full = vec![net_arg.as_str(), program];
-        full.extend_from_slice(args);
-        run("nsenter", &full)
+        in_router(&self.links[h], vni, program, args)
     }
 
     /// `ip -j -d link show dev NAME` where `ip` runs via `exec`; `None` when absent.
@@ -296,72 +230,32 @@ impl Lab {
 
     /// The stand-in for the firewall's gateway isolation in hosts 0 and 1.
     fn isolate_gateways(&self) -> Result<()> {
-        let script = format!(
-            "table bridge {ISOLATION_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"kgh*\" oifname \"kvx*\" drop\n    iifname \"kvx*\" oifname \"kgh*\" drop\n  }}\n}}\n"
-        );
-        for h in 0..2 {
-            let mut child = self
-                .net
-                .command(h, "nft")
-                .args(["-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()?;
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(script.as_bytes())?;
-            let out = child.wait_with_output()?;
-            ensure!(
-                out.status.success(),
-                "nft in host {h}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        standin::isolate_gateways(&self.net, 0..2)
     }
 
     /// A VM on network `vni` of host `h` with address 10.90.0.`last`.
     fn add_vm(&mut self, h: usize, vni: u32, last: u8) -> Result<Vm> {
-        let ns = format!("kn{}-{}", self.net.run_id(), 900 + self.vms.len());
-        let vm = Vm {
-            ns: ns.clone(),
-            ip: Ipv4Addr::new(10, 90, 0, last),
+        let vm = StandIn::create(
+            &self.net,
+            &StandInSpec {
+                slot: 900 + self.vms.len(),
+                host: Some(h),
+                port: &format!("vm{}x{}", vni, self.vms.len() + 1),
+                bridge: &format!("kbr{vni}"),
+                mac: None,
+                mtu: Some(MTU),
+                addr: Ipv4Addr::new(10, 90, 0, last),
+                prefix_len: 24,
+                gateway: Some(GATEWAY),
+                no_ipv6: false,
+            },
+        )?;
+        let handle = Vm {
+            ns: vm.ns().to_string(),
+            ip: vm.ip(),
         };
-        run("ip", &["netns", "add", &ns])?;
-        self.vms.push(vm.clone());
-        let port = format!("vm{}x{}", vni, self.vms.len());
-        let mtu = MTU.to_string();
-        let host = self.ns(h);
-        run(
-            "ip",
-            &[
-                "-n", &host, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "mtu", &mtu, "netns", &ns,
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &host,
-                "link",
-                "set",
-                &port,
-                "master",
-                &format!("kbr{vni}"),
-                "up",
-            ],
-        )?;
-        let addr = format!("{}/24", vm.ip);
-        let gw = GATEWAY.to_string();
-        run("ip", &["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        run("ip", &["-n", &ns, "route", "add", "default", "via", &gw])?;
-        Ok(vm)
+        self.vms.push(vm);
+        Ok(handle)
     }
 
     /// A listener on `port` inside the namespace at `path`.
@@ -445,33 +339,11 @@ impl Lab {
 
     /// One echo from namespace `ns` to `ip`: whether it was answered.
     fn ping(ns: &str, ip: Ipv4Addr) -> Result<bool> {
-        let out = output(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                ns,
-                "ping",
-                "-q",
-                "-n",
-                "-c",
-                "1",
-                "-W",
-                "1",
-                &ip.to_string(),
-            ],
-        )?;
-        Ok(out.status.success())
+        standin::ping(ns, ip, 1)
     }
 
     fn wait_ping(ns: &str, ip: Ipv4Addr) -> Result<()> {
-        wait_until_blocking(
-            format!("{ns} to reach {ip} (ping)"),
-            secs(15),
-            millis(100),
-            || Ok(Self::ping(ns, ip)?.then_some(())),
-        )?;
-        Ok(())
+        standin::wait_ping(ns, ip)
     }
 
     /// Host `h`'s routes into uplinks: "DST via GW dev DEV proto P".
@@ -545,15 +417,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for vm in &self.vms {
-            let _ = output("ip", &["netns", "del", &vm.ns]);
-        }
-        for h in 0..self.links.len() {
-            let dir = self.dir.path().join(format!("h{h}"));
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        self.vms.clear();
+        unmount_routers(self.dir.path(), self.links.len());
     }
 }
 

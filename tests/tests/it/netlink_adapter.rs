@@ -30,14 +30,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use keel_node::network::links::{
-    gateway_mac, GatewayLink, LinkError, Links, MacAddr, NetworkLinks, NetworkLinksState, Underlay,
+    gateway_mac, LinkError, Links, MacAddr, NetworkLinks, NetworkLinksState,
 };
 use keel_node::network::netlink::Netlink;
-use keel_tests::wait::{millis, secs, wait_until_blocking};
+use keel_tests::cmd::run;
+
+use super::{in_router, network_links, unmount_routers};
+use keel_tests::standin::{self, StandIn, StandInSpec};
 use keel_tests::TestNet;
 use serde_json::Value;
 
@@ -45,53 +47,15 @@ const NET_A: u32 = 4242;
 const NET_B: u32 = 4243;
 const MTU: u32 = 1450;
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-/// The nftables table (family bridge) standing in for the firewall's gateway isolation.
-const ISOLATION_TABLE: &str = "keel_gw_isolation";
 
 fn skipped() -> bool {
-    let reason = keel_tests::skip_reason().or_else(|| {
-        ["ping", "nsenter", "bridge"]
-            .into_iter()
-            .find(|t| which(t).is_none())
-            .map(|t| format!("`{t}` is not installed (run scripts/install-deps as root)"))
-    });
-    match reason {
+    match keel_tests::skip_reason_with(&["ping", "nsenter", "bridge"]) {
         Some(reason) => {
             eprintln!("SKIPPED: {reason}");
             true
         }
         None => false,
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn output(program: &str, args: &[&str]) -> Result<Output> {
-    Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("start {program}"))
-}
-
-/// Runs a command; its stdout, or an error with what it printed.
-fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = output(program, args)?;
-    if !out.status.success() {
-        bail!(
-            "`{program} {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A VM stand-in: its namespace and its address.
@@ -107,7 +71,7 @@ struct Lab {
     /// `<dir>/h<h>`: host h's router namespaces.
     dir: tempfile::TempDir,
     links: Vec<Netlink>,
-    vms: Vec<Vm>,
+    vms: Vec<StandIn>,
 }
 
 impl Lab {
@@ -148,23 +112,7 @@ impl Lab {
 
     /// Network `vni` on host `h` with the given hosts as peers.
     fn spec(&self, vni: u32, h: usize, peers: &[usize]) -> NetworkLinks {
-        NetworkLinks {
-            local_taps: Default::default(),
-            uplink: None,
-            vni,
-            mtu: MTU,
-            underlay: Underlay {
-                dev: "eth0".into(),
-                ip: self.net.ip(h),
-            },
-            peers: peers.iter().map(|&p| self.net.ip(p)).collect(),
-            remote_macs: BTreeMap::new(),
-            gateway: GatewayLink {
-                addr: GATEWAY,
-                prefix_len: 24,
-                mac: gateway_mac(vni),
-            },
-        }
+        network_links(&self.net, h, vni, MTU, peers, GATEWAY)
     }
 
     /// Every other host of `hosts`.
@@ -174,10 +122,10 @@ impl Lab {
 
     /// `ip -j -d link show dev NAME` in host `h`; `None` when the link does not exist.
     fn link(&self, h: usize, name: &str) -> Result<Option<Value>> {
-        let out = output(
-            "ip",
-            &["-n", &self.ns(h), "-j", "-d", "link", "show", "dev", name],
-        )?;
+        let out = std::process::Command::new("ip")
+            .args(["-n", &self.ns(h), "-j", "-d", "link", "show", "dev", name])
+            .output()
+            .context("start ip")?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             if err.contains("does not exist") {
@@ -202,11 +150,7 @@ impl Lab {
 
     /// Runs `program args…` inside the router namespace of `vni` on host `h`.
     fn in_router(&self, h: usize, vni: u32, program: &str, args: &[&str]) -> Result<String> {
-        let path = self.links[h].router_netns(vni);
-        let net_arg = format!("--net={}", path.display());
-        let mut full = vec![net_arg.as_str(), program];
-        full.extend_from_slice(args);
-        run("nsenter", &full)
+        in_router(&self.links[h], vni, program, args)
     }
 
     /// Echo requests the router namespace of `vni` on host `h` has received.
@@ -250,129 +194,50 @@ impl Lab {
 
     /// The stand-in for the firewall's gateway isolation in every host.
     fn isolate_gateways(&self) -> Result<()> {
-        let script = format!(
-            "table bridge {ISOLATION_TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"kgh*\" oifname \"kvx*\" drop\n    iifname \"kvx*\" oifname \"kgh*\" drop\n  }}\n}}\n"
-        );
-        for h in 0..self.net.len() {
-            let mut child = self
-                .net
-                .command(h, "nft")
-                .args(["-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()?;
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(script.as_bytes())?;
-            let out = child.wait_with_output()?;
-            ensure!(
-                out.status.success(),
-                "nft in host {h}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        standin::isolate_gateways(&self.net, 0..self.net.len())
     }
 
     /// A VM on network `vni` in host `h` with address 10.77.0.`last`.
     fn add_vm(&mut self, h: usize, vni: u32, last: u8) -> Result<Vm> {
-        let ns = format!("kn{}-{}", self.net.run_id(), 900 + self.vms.len());
         let mac = MacAddr([0x52, 0x54, 0x00, 0x77, vni as u8, last]);
-        let vm = Vm {
-            ns: ns.clone(),
-            ip: Ipv4Addr::new(10, 77, 0, last),
+        let vm = StandIn::create(
+            &self.net,
+            &StandInSpec {
+                slot: 900 + self.vms.len(),
+                host: Some(h),
+                port: &format!("vm{vni}"),
+                bridge: &format!("kbr{vni}"),
+                mac: Some(&mac.to_string()),
+                mtu: Some(MTU),
+                addr: Ipv4Addr::new(10, 77, 0, last),
+                prefix_len: 24,
+                gateway: None,
+                no_ipv6: false,
+            },
+        )?;
+        let handle = Vm {
+            ns: vm.ns().to_string(),
+            ip: vm.ip(),
             mac,
         };
-        run("ip", &["netns", "add", &ns])?;
-        self.vms.push(vm.clone());
-        let port = format!("vm{vni}");
-        let (mtu, mac) = (MTU.to_string(), mac.to_string());
-        let host = self.ns(h);
-        run(
-            "ip",
-            &[
-                "-n", &host, "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name",
-                "eth0", "address", &mac, "mtu", &mtu, "netns", &ns,
-            ],
-        )?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &host,
-                "link",
-                "set",
-                &port,
-                "master",
-                &format!("kbr{vni}"),
-                "up",
-            ],
-        )?;
-        let addr = format!("{}/24", vm.ip);
-        run("ip", &["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
-        run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        Ok(vm)
+        self.vms.push(vm);
+        Ok(handle)
     }
 
     /// One `ping` (`count` echoes, 1 s timeout each) from `vm` to `ip`: whether all
     /// were answered.
     fn ping(&self, vm: &Vm, ip: Ipv4Addr, count: u32) -> Result<bool> {
-        let out = output(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &vm.ns,
-                "ping",
-                "-q",
-                "-n",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                &ip.to_string(),
-            ],
-        )?;
-        Ok(out.status.success())
+        standin::ping(&vm.ns, ip, count)
     }
 
     /// Waits until `vm` reaches `ip`.
     fn wait_ping(&self, vm: &Vm, ip: Ipv4Addr) -> Result<()> {
-        wait_until_blocking(
-            format!("{} ({}) to reach {ip}", vm.ip, vm.ns),
-            secs(15),
-            millis(100),
-            || Ok(self.ping(vm, ip, 1)?.then_some(())),
-        )?;
-        Ok(())
+        standin::wait_ping(&vm.ns, ip)
     }
 
     /// Asserts that `vm` cannot reach `ip` (two echoes, none answered).
     fn assert_no_ping(&self, vm: &Vm, ip: Ipv4Addr) -> Result<()> {
-        let out = output(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &vm.ns,
-                "ping",
-                "-q",
-                "-n",
-                "-c",
-                "2",
-                "-i",
-                "0.2",
-                "-W",
-                "1",
-                &ip.to_string(),
-            ],
-        )?;
+        let out = standin::ping_output(&vm.ns, ip, 2)?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             !out.status.success() && text.contains(" 0 received"),
@@ -435,17 +300,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for vm in &self.vms {
-            let _ = output("ip", &["netns", "del", &vm.ns]);
-        }
-        // Router namespaces the test did not remove (it failed half-way): unmount them so
-        // the temporary directory can go.
-        for h in 0..self.links.len() {
-            let dir = self.dir.path().join(format!("h{h}"));
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
+        self.vms.clear();
+        // Router namespaces the test did not remove (it failed half-way).
+        unmount_routers(self.dir.path(), self.links.len());
     }
 }
 

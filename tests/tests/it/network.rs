@@ -2,10 +2,12 @@
 //! host, real TCG guests (the tiny template: `udhcpc` on eth0, busybox `ping`), driven
 //! through the `keel` CLI.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use keel_tests::cluster::TestCluster;
+use keel_tests::standin::{StandIn, StandInSpec};
 use keel_tests::wait::{millis, secs, wait_until};
 use serde_json::Value;
 
@@ -194,6 +196,27 @@ async fn guests_on_three_hosts_get_leases_resolve_and_reach_each_other() -> Resu
     ]
     .into();
     assert_eq!(hosts.len(), 3, "a, b and c run on three hosts");
+    // Every host reports the networks it built, without errors.
+    let vni = vni_of(&blue)?;
+    wait_until(
+        "every host reports blue built",
+        secs(90),
+        millis(500),
+        || async {
+            let nodes = cli_quiet(&c, 0, &["node", "list"]).await?;
+            let ok = nodes.as_array().is_some_and(|a| {
+                a.iter().all(|h| {
+                    let n = &h["inventory"]["network"];
+                    n["vnis"]
+                        .as_array()
+                        .is_some_and(|v| v.iter().any(|x| x.as_u64() == Some(vni)))
+                        && n["errors"].as_array().is_some_and(|e| e.is_empty())
+                })
+            });
+            Ok(ok.then_some(()))
+        },
+    )
+    .await?;
 
     // Deleting a network that VMs use is refused, and says which.
     let e = c.cli_raw(0, &["net", "delete", "blue"]).await?;
@@ -373,7 +396,6 @@ async fn guests_on_three_hosts_get_leases_resolve_and_reach_each_other() -> Resu
     // The node service on b's host restarts with its network links flushed behind its
     // back: it rebuilds them and b is reachable again.
     let bh = vm_host(&c, "b").await?;
-    let vni = vni_of(&blue)?;
     c.kill_service(bh).await?;
     for link in [
         format!("kbr{vni}"),
@@ -399,8 +421,7 @@ async fn guests_on_three_hosts_get_leases_resolve_and_reach_each_other() -> Resu
 /// A namespace outside the cluster on the hosts' public segment (the test bridge), with a
 /// TCP service that answers every connection with the address it came from.
 struct Outside {
-    ns: String,
-    veth: String,
+    ns: StandIn,
     ip: String,
     server: std::process::Child,
 }
@@ -408,46 +429,26 @@ struct Outside {
 impl Outside {
     fn start(c: &TestCluster) -> Result<Self> {
         let net = c.net();
-        // Named like the harness's own hosts, so its stale-run cleanup finds them too.
-        let ns = format!("kn{}-250", net.run_id());
-        let veth = format!("kv{}-250", net.run_id());
-        let ip = format!("10.213.{}.200", net.subnet());
-        let sh = |args: &[&str]| -> Result<()> {
-            let out = std::process::Command::new(args[0])
-                .args(&args[1..])
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "{}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            Ok(())
-        };
-        sh(&["ip", "netns", "add", &ns])?;
-        sh(&[
-            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-        ])?;
-        sh(&["ip", "link", "set", &veth, "master", &net.bridge(), "up"])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &ns,
-            "ip",
-            "addr",
-            "add",
-            &format!("{ip}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&[
-            "ip", "netns", "exec", &ns, "ip", "link", "set", "eth0", "up",
-        ])?;
-        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
+        // Named like the harness's own hosts (and its veth like theirs), so its stale-run
+        // cleanup finds them too.
+        let addr = Ipv4Addr::new(10, 213, net.subnet(), 200);
+        let ns = StandIn::create(
+            net,
+            &StandInSpec {
+                slot: 250,
+                host: None,
+                port: &format!("kv{}-250", net.run_id()),
+                bridge: &net.bridge(),
+                mac: None,
+                mtu: None,
+                addr,
+                prefix_len: 24,
+                gateway: None,
+                no_ipv6: false,
+            },
+        )?;
         let server = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "socat"])
+            .args(["netns", "exec", ns.ns(), "socat"])
             .args([
                 "TCP-LISTEN:9000,fork,reuseaddr",
                 "SYSTEM:echo peer=$SOCAT_PEERADDR",
@@ -458,8 +459,7 @@ impl Outside {
             .context("socat in the outside namespace")?;
         Ok(Self {
             ns,
-            veth,
-            ip,
+            ip: addr.to_string(),
             server,
         })
     }
@@ -469,7 +469,14 @@ impl Outside {
     fn fetch(&self, addr: &str, port: u16) -> String {
         std::process::Command::new("ip")
             .args([
-                "netns", "exec", &self.ns, "timeout", "4", "socat", "-T3", "-",
+                "netns",
+                "exec",
+                self.ns.ns(),
+                "timeout",
+                "4",
+                "socat",
+                "-T3",
+                "-",
             ])
             .arg(format!("TCP:{addr}:{port},connect-timeout=3"))
             .stdin(std::process::Stdio::null())
@@ -483,12 +490,7 @@ impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.veth])
-            .output();
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .output();
+        // Then `self.ns` goes with its veth.
     }
 }
 
