@@ -36,6 +36,7 @@ pub mod firewall;
 pub mod links;
 pub mod nat;
 pub mod netlink;
+pub mod nf_tables;
 pub mod nft;
 pub mod nft_nat;
 pub mod reconciler;
