@@ -190,7 +190,7 @@ impl Consoles {
                 tokio::spawn(async move {
                     while let Some(data) = to_rx.recv().await {
                         let writer = stream.clone();
-                        let ok = tokio::task::spawn_blocking(move || writer.write(&data))
+                        let ok = tokio::task::spawn_blocking(move || writer.write_all(&data))
                             .await
                             .is_ok_and(|r| r.is_ok());
                         if !ok {

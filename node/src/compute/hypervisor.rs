@@ -89,8 +89,20 @@ pub enum HypervisorError {
 /// (or return 0 at the end); both halves may be used from different threads.
 pub trait ConsoleStream: Send + Sync {
     fn read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Writes some of `data` (libvirt streams may take less than offered).
     fn write(&self, data: &[u8]) -> std::io::Result<usize>;
     fn close(&self);
+
+    /// Writes all of `data`, however many calls it takes.
+    fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            match self.write(data)? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => data = &data[n..],
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One host's hypervisor.

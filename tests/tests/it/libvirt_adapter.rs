@@ -399,7 +399,7 @@ fn console() -> Result<()> {
     let (rx, reader) = spawn_reader(first.clone());
     // Written while the reader thread is blocked in a read: must not wait for it.
     let t = Instant::now();
-    ensure!(first.write(b"hello-from-keel\n")? > 0);
+    first.write_all(b"hello-from-keel\n")?;
     let echoed = read_until(&rx, "hello-from-keel", secs(20))?;
     eprintln!("console echo after {:.2?}: {echoed:?}", t.elapsed());
 
@@ -424,7 +424,7 @@ fn console() -> Result<()> {
     eprintln!("the console taken over read {ended:?}");
     drop(rx2);
     let (rx3, reader3) = spawn_reader(third.clone());
-    third.write(b"second-client\n")?;
+    third.write_all(b"second-client\n")?;
     read_until(&rx3, "second-client", secs(20))?;
 
     // The domain stopping ends the console too.
@@ -526,7 +526,7 @@ fn migration() -> Result<()> {
     // The guest lives on: it still echoes, through the destination's console.
     let console: Arc<dyn ConsoleStream> = Arc::from(hv_dst.open_console(uuid)?);
     let (rx, reader) = spawn_reader(console.clone());
-    console.write(b"after-migration\n")?;
+    console.write_all(b"after-migration\n")?;
     read_until(&rx, "after-migration", secs(20))?;
     console.close();
     join_within(reader, secs(5))??;
@@ -678,7 +678,7 @@ fn nic_hotplug() -> Result<()> {
     // The guest's kernel probes the new virtio device; its MAC shows up as eth0.
     let deadline = Instant::now() + secs(30);
     loop {
-        console.write(b"cat /sys/class/net/eth0/address 2>/dev/null | sed 's/^/HP-/'\n")?;
+        console.write_all(b"cat /sys/class/net/eth0/address 2>/dev/null | sed 's/^/HP-/'\n")?;
         match read_until(&rx, "HP-52:54:00:6b:00:02", secs(3)) {
             Ok(_) => break,
             Err(e) if Instant::now() >= deadline => {
@@ -707,7 +707,7 @@ fn nic_hotplug() -> Result<()> {
             .is_err()
             .then_some(()))
     })?;
-    console.write(b"test -e /sys/class/net/eth0 || echo NO''-ETH0\n")?;
+    console.write_all(b"test -e /sys/class/net/eth0 || echo NO''-ETH0\n")?;
     read_until(&rx, "NO-ETH0", secs(10)).context("the guest still has eth0")?;
     console.close();
     join_within(reader, secs(5))??;
