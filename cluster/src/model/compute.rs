@@ -1277,19 +1277,7 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             op_id,
             now_ms,
         } => {
-            validate_name("VM name", name)?;
-            if read::<VmName>(conn, name)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "VM".into(),
-                    name: name.clone(),
-                });
-            }
-            if read::<Vm>(conn, vm_id)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "VM id".into(),
-                    name: vm_id.clone(),
-                });
-            }
+            super::require_new_named::<Vm, VmName>(conn, "VM", vm_id, name)?;
             if *stop_timeout_s > 3600 {
                 return Err(invalid("stop timeout", "at most 3600 seconds"));
             }

@@ -567,6 +567,30 @@ pub(crate) fn find_by_id_or_name<T: Record, N: NameIndex>(
     }
 }
 
+/// Checks that a new record of kind `T`, indexed by name through `N`, may take this id and
+/// name: the name is a DNS label and neither is in use. `kind` names it in errors ("VM").
+pub(crate) fn require_new_named<T: Record, N: NameIndex>(
+    conn: &Connection,
+    kind: &str,
+    id: &str,
+    name: &str,
+) -> Result<(), CommandError> {
+    validate_name(&format!("{kind} name"), name)?;
+    if read::<N>(conn, name)?.is_some() {
+        return Err(CommandError::NameTaken {
+            kind: kind.into(),
+            name: name.into(),
+        });
+    }
+    if read::<T>(conn, id)?.is_some() {
+        return Err(CommandError::NameTaken {
+            kind: format!("{kind} id"),
+            name: id.into(),
+        });
+    }
+    Ok(())
+}
+
 pub fn list<T: Record>(conn: &Connection) -> rusqlite::Result<Vec<T>> {
     let mut stmt = conn.prepare_cached("SELECT body FROM objects WHERE kind = ?1 ORDER BY id")?;
     let rows = stmt.query_map(params![T::KIND], |row| row.get::<_, String>(0))?;

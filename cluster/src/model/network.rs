@@ -932,19 +932,7 @@ pub(super) fn apply(conn: &Connection, command: &NetworkCommand) -> Result<Outco
             external,
             now_ms,
         } => {
-            validate_name("network name", name)?;
-            if read::<NetworkName>(conn, name)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "network".into(),
-                    name: name.clone(),
-                });
-            }
-            if read::<Network>(conn, network_id)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "network id".into(),
-                    name: network_id.clone(),
-                });
-            }
+            super::require_new_named::<Network, NetworkName>(conn, "network", network_id, name)?;
             let cidr = Ipv4Cidr::parse(cidr, true).map_err(|r| invalid("cidr", r))?;
             if !(MIN_PREFIX..=MAX_PREFIX).contains(&cidr.prefix_len) {
                 return Err(invalid(
@@ -1036,19 +1024,12 @@ pub(super) fn apply(conn: &Connection, command: &NetworkCommand) -> Result<Outco
             name,
             now_ms,
         } => {
-            validate_name("security group name", name)?;
-            if read::<SecurityGroupName>(conn, name)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "security group".into(),
-                    name: name.clone(),
-                });
-            }
-            if read::<SecurityGroup>(conn, group_id)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "security group id".into(),
-                    name: group_id.clone(),
-                });
-            }
+            super::require_new_named::<SecurityGroup, SecurityGroupName>(
+                conn,
+                "security group",
+                group_id,
+                name,
+            )?;
             put(
                 conn,
                 &SecurityGroup {
