@@ -19,6 +19,7 @@ use keel_cluster::model::{self, Command, CommandError, Host};
 
 use super::extract::ApiJson;
 use super::handlers::{read, ApiResult};
+use super::networks::write_network;
 use super::types::{
     ErrorBody, FloatingIpAllocateRequest, FloatingIpAttachRequest, FloatingIpView, PortForwardView,
 };
@@ -205,13 +206,7 @@ pub async fn release_floating_ip(
 ) -> Result<StatusCode, ApiError> {
     let ip = parse_ip(&ip)?;
     tracing::info!(%ip, principal = ?who, "releasing floating IP");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::ReleaseFloatingIp { ip },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(&state, NetworkCommand::ReleaseFloatingIp { ip }).await
 }
 
 #[utoipa::path(put, path = "/api/v1/floating-ips/{ip}/target", tag = "floating-ips",
@@ -266,13 +261,7 @@ pub async fn detach_floating_ip(
 ) -> Result<StatusCode, ApiError> {
     let ip = parse_ip(&ip)?;
     tracing::info!(%ip, principal = ?who, "detaching floating IP");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::DetachFloatingIp { ip },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(&state, NetworkCommand::DetachFloatingIp { ip }).await
 }
 
 #[cfg(test)]

@@ -70,6 +70,15 @@ async fn read_back<T>(
     }
 }
 
+/// Proposes a network command whose success has nothing to show (`204 No Content`).
+pub(super) async fn write_network(
+    state: &AppState,
+    command: NetworkCommand,
+) -> Result<StatusCode, ApiError> {
+    state.db.write(Command::Network { command }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- request → command (pure, unit-tested) ----------------------------------------------
 
 /// The command a network create request stands for. The CIDR, name, DNS domain and MTU
@@ -238,13 +247,7 @@ pub async fn delete_network(
     Path(network): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     tracing::info!(network = %network, principal = ?who, "deleting network");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::DeleteNetwork { network },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(&state, NetworkCommand::DeleteNetwork { network }).await
 }
 
 // ---- security groups ----------------------------------------------------------------------
@@ -327,13 +330,7 @@ pub async fn delete_security_group(
     Path(group): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     tracing::info!(group = %group, principal = ?who, "deleting security group");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::DeleteSecurityGroup { group },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(&state, NetworkCommand::DeleteSecurityGroup { group }).await
 }
 
 #[utoipa::path(post, path = "/api/v1/security-groups/{group}/rules", tag = "security-groups",
@@ -397,16 +394,14 @@ pub async fn delete_security_rule(
     Path((group, rule)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     tracing::info!(group = %group, rule = %rule, principal = ?who, "deleting security rule");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::DeleteSecurityRule {
-                group,
-                rule_id: rule,
-            },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(
+        &state,
+        NetworkCommand::DeleteSecurityRule {
+            group,
+            rule_id: rule,
+        },
+    )
+    .await
 }
 
 // ---- host networks ------------------------------------------------------------------------
@@ -488,17 +483,15 @@ pub async fn clear_host_network(
     let role = parse_role(&role)?;
     let host_id = resolve_host(&state, &host)?;
     tracing::info!(host_id, role = role.as_str(), principal = ?who, "clearing host network");
-    state
-        .db
-        .write(Command::Network {
-            command: NetworkCommand::SetHostNetwork {
-                host_id,
-                role,
-                network: None,
-            },
-        })
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    write_network(
+        &state,
+        NetworkCommand::SetHostNetwork {
+            host_id,
+            role,
+            network: None,
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
