@@ -243,22 +243,8 @@ impl Netlink {
         // The veth pair is broken or missing: delete what is left of it, create it anew
         // (the router end directly inside the namespace), then configure the router end.
         let (gh, gn) = (gateway_host_name(vni), gateway_ns_name(vni));
-        if let Some(h) = host_end {
-            // Deleting one end of a veth deletes the other too.
-            self.in_host(|c| async move { c.delete(&gh, h.index).await })?;
-        }
-        self.in_router(vni, |c| async move {
-            if let Some(l) = c.link(&gn).await? {
-                c.delete(&gn, l.header.index).await?;
-            }
-            Ok(())
-        })?;
+        let ns = self.clear_veth_pair(vni, &gh, host_end, &gn)?;
         let ns_path = self.router_netns(vni);
-        let ns = File::open(&ns_path).map_err(|e| LinkError::Namespace {
-            vni,
-            path: ns_path.clone(),
-            source: Box::new(e),
-        })?;
         let ns = &ns;
         self.in_host(|c| async move { c.create_veth(net, ns).await })?;
         let router_end = self.in_router(vni, |c| async move { c.ensure_router(net).await })?;
@@ -270,6 +256,33 @@ impl Netlink {
             });
         }
         Ok(())
+    }
+
+    /// Deletes what is left of a broken veth pair between the host and a router
+    /// namespace (deleting one end of a veth deletes the other too) and opens the
+    /// namespace to create the pair anew in.
+    fn clear_veth_pair(
+        &self,
+        vni: u32,
+        host_name: &str,
+        host_end: Option<VethEnd>,
+        router_name: &str,
+    ) -> Result<File, LinkError> {
+        if let Some(h) = host_end {
+            self.in_host(|c| async move { c.delete(host_name, h.index).await })?;
+        }
+        self.in_router(vni, |c| async move {
+            if let Some(l) = c.link(router_name).await? {
+                c.delete(router_name, l.header.index).await?;
+            }
+            Ok(())
+        })?;
+        let ns_path = self.router_netns(vni);
+        File::open(&ns_path).map_err(|e| LinkError::Namespace {
+            vni,
+            path: ns_path,
+            source: Box::new(e),
+        })
     }
 
     /// The uplink of `net` (its router namespace exists): made, repaired and configured
@@ -301,21 +314,7 @@ impl Netlink {
             // Broken or missing: delete what is left and create the pair anew, the router
             // end directly inside the namespace. The floating-IP routes went with a
             // deleted host end; they are added again below.
-            if let Some(h) = host_end {
-                self.in_host(|c| async move { c.delete(uh, h.index).await })?;
-            }
-            self.in_router(vni, |c| async move {
-                if let Some(l) = c.link(un).await? {
-                    c.delete(un, l.header.index).await?;
-                }
-                Ok(())
-            })?;
-            let ns_path = self.router_netns(vni);
-            let ns = File::open(&ns_path).map_err(|e| LinkError::Namespace {
-                vni,
-                path: ns_path.clone(),
-                source: Box::new(e),
-            })?;
+            let ns = self.clear_veth_pair(vni, uh, host_end, un)?;
             let ns = &ns;
             self.in_host(|c| async move { c.create_uplink_veth(net, ns).await })?;
             router_end =
