@@ -7,8 +7,7 @@
 //!   with context, instead). libvirt's default event loop is registered and run on a
 //!   thread of its own (`libvirt-events`): without it the client never notices a dead
 //!   daemon until a call fails, keepalive probes (which catch a hung daemon) never run,
-//!   and aborting a console stream from one thread while another thread is blocked
-//!   reading it deadlocks (measured: with the loop, the blocked read returns at once).
+//!   and console streams (non-blocking, see [`LibvirtConsole`]) never receive data.
 //! * **Connection**: opened lazily on the first call and shared by all calls (a libvirt
 //!   connection is thread-safe). Before every call it is checked with `is_alive` (a
 //!   local check, no round trip; the event loop makes it notice a closed socket at once)
@@ -91,6 +90,10 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// Largest chunk one console `write` hands to libvirt (a stream message carries at most
 /// 256 KiB; console traffic is small anyway).
 const CONSOLE_WRITE_CHUNK: usize = 64 * 1024;
+
+/// Longest pause of a console reader polling a stream with nothing queued: the added
+/// latency of the first byte after a quiet spell, and how late a reader notices `close`.
+const CONSOLE_POLL_MAX: Duration = Duration::from_millis(20);
 
 static PROCESS_SETUP: OnceLock<()> = OnceLock::new();
 
@@ -684,7 +687,8 @@ impl Hypervisor for Libvirt {
         let conn = Conn::open(&self.uri)?;
         let fail = |f| classify("open_console", Some(uuid), f);
         let dom = require(&conn.0, uuid).map_err(fail)?;
-        let stream = Stream::new(&conn.0, 0).map_err(|e| fail(e.into()))?;
+        let stream =
+            Stream::new(&conn.0, virt::sys::VIR_STREAM_NONBLOCK).map_err(|e| fail(e.into()))?;
         dom.open_console(None, &stream, virt::sys::VIR_DOMAIN_CONSOLE_FORCE)
             .map_err(|e| fail(e.into()))?;
         Ok(Box::new(LibvirtConsole {
@@ -697,22 +701,26 @@ impl Hypervisor for Libvirt {
     }
 }
 
-/// A domain's serial console as a blocking libvirt stream.
+/// A domain's serial console as a non-blocking libvirt stream.
 ///
-/// Why blocking, and two locks: `virt::stream::Stream` is `Send + Sync` and libvirt's
-/// remote driver lets one thread wait in `virStreamRecv` while another sends on the same
-/// stream (the waiting thread releases the stream and connection locks; whichever thread
-/// holds the socket passes the other's packets through). So `read` and `write` each take
-/// only their own lock: one lock for both would let a reader blocked on a silent guest
-/// starve every write (no keystroke could reach the guest to make it talk). The locks
-/// serialise readers among themselves and writers among themselves, which a byte stream
-/// needs anyway. A non-blocking stream would need libvirt's `-2` ("would block") result,
-/// which `virt` 0.4.3 folds into a generic error, and a polling loop.
+/// Why non-blocking: a blocking `virStreamRecv` with no data queued sends a "wait for
+/// stream data" call and sleeps until a stream packet completes it, but libvirt's client
+/// completes only the *first* pending call of that stream. When a `write` on another
+/// thread is in flight at the moment the guest's answer arrives, the packet is queued and
+/// the write's call is found first, so the reader keeps sleeping with data waiting for it
+/// until the next packet — the tail of an echo went missing under load (CI saw
+/// "after-migratio" without its "n"). Non-blocking, the data is read off the socket by
+/// libvirt's event loop (`libvirt-events`, see the module header) into the stream's
+/// queue; `read` takes what is queued and, when nothing is (libvirt's `-2`), sleeps a
+/// little (1 ms, doubling to [`CONSOLE_POLL_MAX`]) and looks again. Writes are
+/// fire-and-forget stream packets either way.
 ///
-/// `close` aborts the stream (through a second reference, since `virt` consumes the
-/// stream it aborts): a read blocked in another thread returns at once (with an error that
-/// [`ConsoleStream::read`] turns into end-of-file), and later calls see the closed flag.
-/// Dropping closes, then frees the stream, then closes the console's own connection.
+/// `read` and `write` each take only their own lock (readers serialised among themselves,
+/// writers among themselves, as a byte stream needs), so an idle reader never holds up a
+/// keystroke. `close` sets the closed flag, which a polling reader sees within
+/// [`CONSOLE_POLL_MAX`], and aborts the stream (through a second reference, since `virt`
+/// consumes the stream it aborts). Dropping closes, then frees the stream, then closes
+/// the console's own connection.
 pub struct LibvirtConsole {
     // Field order is drop order: the stream before the connection it belongs to.
     stream: Stream,
@@ -732,18 +740,25 @@ impl std::fmt::Debug for LibvirtConsole {
 
 impl ConsoleStream for LibvirtConsole {
     fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if buf.is_empty() || self.closed.load(Ordering::Acquire) {
+        if buf.is_empty() {
             return Ok(0);
         }
         let _reader = lock(&self.read_lock);
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(0);
-        }
-        match self.stream.recv(buf) {
-            Ok(n) => Ok(n),
-            // Aborted by `close` from another thread.
-            Err(_) if self.closed.load(Ordering::Acquire) => Ok(0),
-            Err(e) => Err(std::io::Error::other(e)),
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            match self.stream.recv(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if would_block(&e) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(CONSOLE_POLL_MAX);
+                }
+                // Aborted by `close` from another thread.
+                Err(_) if self.closed.load(Ordering::Acquire) => return Ok(0),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
         }
     }
 
@@ -770,6 +785,13 @@ impl ConsoleStream for LibvirtConsole {
             tracing::debug!(error = %e, "aborting a console stream failed");
         }
     }
+}
+
+/// Whether a failed non-blocking stream call only had nothing to do yet. libvirt returns
+/// `-2` then without setting an error, which `virt` 0.4.3 turns into its catch-all error
+/// with no error domain; every real libvirt error names its domain.
+fn would_block(e: &VirtError) -> bool {
+    matches!(e.domain(), virt::error::ErrorDomain::None) && e.code() == ErrorNumber::InternalError
 }
 
 impl Drop for LibvirtConsole {
