@@ -870,33 +870,24 @@ impl ClusterDb {
             LeaderOp::RemoveNode { node_id } => {
                 let metrics = member.raft.metrics().borrow().clone();
                 let membership = metrics.membership_config.membership();
-                if membership.voter_ids().any(|v| v == node_id) {
-                    let remaining: BTreeSet<NodeId> =
-                        membership.voter_ids().filter(|v| *v != node_id).collect();
-                    if remaining.is_empty() {
-                        return Err(OpError::Rejected {
-                            error: CommandError::Invalid {
-                                field: "node".into(),
-                                reason: "the last voter cannot be removed".into(),
-                            },
-                        });
-                    }
-                    retry_membership(|| {
-                        member.raft.change_membership(
-                            ChangeMembers::ReplaceAllVoters(remaining.clone()),
-                            false,
-                        )
-                    })
-                    .await
-                    .map_err(client_write_error)?;
+                if membership.voter_ids().all(|v| v == node_id) {
+                    return Err(OpError::Rejected {
+                        error: CommandError::Invalid {
+                            field: "node".into(),
+                            reason: "the last voter cannot be removed".into(),
+                        },
+                    });
                 }
-                if membership.get_node(&node_id).is_some() {
-                    member
-                        .raft
-                        .change_membership(
-                            ChangeMembers::RemoveNodes(BTreeSet::from([node_id])),
-                            false,
-                        )
+                // Both changes are relative to the membership raft holds when it applies
+                // them, not to the snapshot above: that one can be stale (a removal a
+                // moment ago, the voter duty promoting a learner), and a whole voter set
+                // computed from it once named a node that had already left ("Learner N
+                // not found"). Either change is a no-op when the node is not there.
+                for change in [
+                    ChangeMembers::RemoveVoters(BTreeSet::from([node_id])),
+                    ChangeMembers::RemoveNodes(BTreeSet::from([node_id])),
+                ] {
+                    retry_membership(|| member.raft.change_membership(change.clone(), false))
                         .await
                         .map_err(client_write_error)?;
                 }

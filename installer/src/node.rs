@@ -14,7 +14,7 @@
 //! Managing units over D-Bus (zbus) belongs to the node service and comes with it later.
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::answer::{ClusterSpec, IpConfig};
+use crate::answer::{ClusterSpec, IpConfig, Secret};
 use crate::plan::FirstBoot;
 
 pub const NODE_CONFIG: &str = "/etc/keel/node.toml";
@@ -236,34 +236,56 @@ pub fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), NodeError> {
     fs::rename(&tmp, path).map_err(err)
 }
 
-/// The `keel` command line that first boot runs, with the token shown as `<redacted>` in
-/// the printable form.
-pub fn firstboot_command(cfg: &NodeConfig, fb: &FirstBoot) -> (Vec<String>, String) {
+/// What first boot runs: the `keel` arguments, what goes to its standard input (the join
+/// token: on the command line it would be visible in the process list while the join
+/// runs), and a printable form.
+#[derive(Debug)]
+pub struct FirstBootCommand {
+    pub args: Vec<String>,
+    pub stdin: Option<Secret>,
+    pub shown: String,
+}
+
+/// The `keel` command line that first boot runs.
+pub fn firstboot_command(cfg: &NodeConfig, fb: &FirstBoot) -> FirstBootCommand {
     let mut args = vec![
         "--socket".to_string(),
         cfg.socket.display().to_string(),
         "cluster".to_string(),
     ];
-    let shown;
-    match &fb.cluster {
+    let stdin = match &fb.cluster {
         ClusterSpec::Init { name } => {
             args.extend(["init".to_string(), "--name".to_string(), name.clone()]);
-            shown = format!("keel {}", args.join(" "));
+            None
         }
         ClusterSpec::Join { token } => {
-            args.push("join".to_string());
-            shown = format!("keel {} <token>", args.join(" "));
-            args.push(token.expose().to_string());
+            // `-`: the token comes from standard input
+            args.extend(["join".to_string(), "-".to_string()]);
+            Some(token.clone())
         }
-    }
-    (args, shown)
+    };
+    let shown = match stdin {
+        Some(_) => format!("keel {} (token on standard input)", args.join(" ")),
+        None => format!("keel {}", args.join(" ")),
+    };
+    FirstBootCommand { args, stdin, shown }
 }
 
-/// Runs a program with a time limit; returns (success, combined output).
-pub fn run_with_timeout(program: &Path, args: &[String], limit: Duration) -> (bool, String) {
+/// Runs a program with a time limit, `input` on its standard input; returns (success,
+/// combined output).
+pub fn run_with_timeout(
+    program: &Path,
+    args: &[String],
+    input: Option<&[u8]>,
+    limit: Duration,
+) -> (bool, String) {
     let child = Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
@@ -271,6 +293,17 @@ pub fn run_with_timeout(program: &Path, args: &[String], limit: Duration) -> (bo
         Ok(c) => c,
         Err(e) => return (false, format!("cannot start {}: {e}", program.display())),
     };
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        // a program that exits without reading gives EPIPE here: its exit status tells
+        if let Err(e) = stdin.write_all(data).and_then(|()| stdin.write_all(b"\n")) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                let _ = child.kill();
+                let _ = child.wait();
+                return (false, format!("cannot write to {}: {e}", program.display()));
+            }
+        }
+        // dropped here: end of input
+    }
     let start = Instant::now();
     loop {
         match child.try_wait() {
@@ -322,14 +355,20 @@ pub fn firstboot(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let (args, shown) = firstboot_command(cfg, &fb);
+    let command = firstboot_command(cfg, &fb);
+    let shown = &command.shown;
     let attempts = 10;
     let mut last = String::new();
     for attempt in 1..=attempts {
         log(&format!(
             "keel first boot: {shown} (attempt {attempt}/{attempts})"
         ));
-        let (ok, out) = run_with_timeout(&cfg.keel_binary, &args, Duration::from_secs(120));
+        let (ok, out) = run_with_timeout(
+            &cfg.keel_binary,
+            &command.args,
+            command.stdin.as_ref().map(|t| t.expose().as_bytes()),
+            Duration::from_secs(120),
+        );
         if ok {
             if matches!(fb.cluster, ClusterSpec::Init { .. }) {
                 write_file(init_output, &out, 0o600)?;
@@ -358,7 +397,7 @@ pub fn firstboot(
         std::thread::sleep(Duration::from_secs(6));
     }
     Err(NodeError::Cluster {
-        command: shown,
+        command: shown.clone(),
         attempts,
         detail: last,
     })
@@ -436,7 +475,7 @@ pub fn current_banner(cfg: &NodeConfig) -> String {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (ok, out) = run_with_timeout(&cfg.keel_binary, &args, Duration::from_secs(10));
+        let (ok, out) = run_with_timeout(&cfg.keel_binary, &args, None, Duration::from_secs(10));
         if ok {
             summarize_status(&out)
         } else {
@@ -456,7 +495,6 @@ pub fn current_banner(cfg: &NodeConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::answer::Secret;
 
     fn cfg() -> NodeConfig {
         NodeConfig::new("node1", "52:54:00:AA:BB:CC", &IpConfig::Dhcp)
@@ -521,9 +559,17 @@ mod tests {
                 token: Secret::new("keel-join-v1.SECRET"),
             },
         };
-        let (args, shown) = firstboot_command(&cfg(), &join);
-        assert_eq!(args.last().map(String::as_str), Some("keel-join-v1.SECRET"));
-        assert!(!shown.contains("SECRET"), "{shown}");
+        let join_cmd = firstboot_command(&cfg(), &join);
+        assert_eq!(
+            join_cmd.args,
+            ["--socket", "/run/keel/keel.sock", "cluster", "join", "-"]
+        );
+        assert_eq!(
+            join_cmd.stdin.as_ref().map(|t| t.expose().to_string()),
+            Some("keel-join-v1.SECRET".to_string())
+        );
+        assert!(!join_cmd.shown.contains("SECRET"), "{}", join_cmd.shown);
+        assert!(!format!("{join_cmd:?}").contains("SECRET"));
         assert_eq!(
             redact("bad token keel-join-v1.SECRET", &join),
             "bad token <token>"
@@ -533,9 +579,10 @@ mod tests {
                 name: "site-a".into(),
             },
         };
-        let (args, _) = firstboot_command(&cfg(), &init);
+        let init_cmd = firstboot_command(&cfg(), &init);
+        assert!(init_cmd.stdin.is_none());
         assert_eq!(
-            args,
+            init_cmd.args,
             [
                 "--socket",
                 "/run/keel/keel.sock",
@@ -589,9 +636,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let bin = dir.path().join("keel");
         let log = dir.path().join("args");
+        let input = dir.path().join("stdin");
         write_file(
             &bin,
-            &format!("#!/bin/sh\necho \"$@\" > {}\n", log.display()),
+            &format!(
+                "#!/bin/sh\necho \"$@\" > {}\ncat > {}\n",
+                log.display(),
+                input.display()
+            ),
             0o755,
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -616,7 +668,11 @@ mod tests {
         let args = fs::read_to_string(&log).unwrap_or_default();
         assert_eq!(
             args.trim(),
-            format!("--socket {} cluster join keel-join-v1.XYZ", sock.display())
+            format!("--socket {} cluster join -", sock.display())
+        );
+        assert_eq!(
+            fs::read_to_string(&input).unwrap_or_default(),
+            "keel-join-v1.XYZ\n"
         );
         assert!(lines.iter().all(|l| !l.contains("XYZ")), "{lines:?}");
         assert!(!init_out.exists());
