@@ -883,11 +883,14 @@ impl ClusterDb {
                 // moment ago, the voter duty promoting a learner), and a whole voter set
                 // computed from it once named a node that had already left ("Learner N
                 // not found"). Either change is a no-op when the node is not there.
-                for change in [
-                    ChangeMembers::RemoveVoters(BTreeSet::from([node_id])),
-                    ChangeMembers::RemoveNodes(BTreeSet::from([node_id])),
+                // `retain` on the voter change: without it openraft drops every node that
+                // is a voter only in the *old* half of a joint config, so a voter the duty
+                // was demoting to learner at that moment vanished from raft with this one.
+                for (change, retain) in [
+                    (ChangeMembers::RemoveVoters(BTreeSet::from([node_id])), true),
+                    (ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false),
                 ] {
-                    retry_membership(|| member.raft.change_membership(change.clone(), false))
+                    retry_membership(|| member.raft.change_membership(change.clone(), retain))
                         .await
                         .map_err(client_write_error)?;
                 }
@@ -1036,16 +1039,37 @@ impl ClusterDb {
         }
     }
 
-    /// Replaces the voter set (leader only; used by the voter duty).
-    pub async fn set_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), ClusterError> {
+    /// Replaces the voter set (leader only; used by the voter duty). A voter left out stays
+    /// a learner (it is still a host of the cluster and may vote again later) unless it is
+    /// in `leave`: those (lost voters) also leave the raft membership, so the leader stops
+    /// replicating to them; their host records stay. (Dropping every voter left out once
+    /// made a healthy voter, demoted because members were removed, vanish from raft while
+    /// its host record stayed.)
+    pub async fn set_voters(
+        &self,
+        voters: BTreeSet<NodeId>,
+        leave: BTreeSet<NodeId>,
+    ) -> Result<(), ClusterError> {
         let member = self.require_member()?;
+        let raft_error =
+            |e: RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>| ClusterError::Raft {
+                detail: e.to_string(),
+            };
         member
             .raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(voters), false)
+            .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), true)
             .await
-            .map_err(|e| ClusterError::Raft {
-                detail: e.to_string(),
-            })?;
+            .map_err(raft_error)?;
+        let leave: BTreeSet<NodeId> = leave.difference(&voters).copied().collect();
+        if !leave.is_empty() {
+            retry_membership(|| {
+                member
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(leave.clone()), false)
+            })
+            .await
+            .map_err(raft_error)?;
+        }
         Ok(())
     }
 

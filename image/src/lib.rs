@@ -38,6 +38,8 @@ pub enum ImageError {
     },
     #[error("the guest opened outbound connections:\n  - {}", .0.join("\n  - "))]
     AirGap(Vec<String>),
+    #[error("the offline repository {dir} is inconsistent:\n  - {}", problems.join("\n  - "))]
+    Repo { dir: PathBuf, problems: Vec<String> },
     #[error("the root filesystem {root} is not ready for the image:\n  - {}", problems.join("\n  - "))]
     Rootfs {
         root: PathBuf,
@@ -235,7 +237,121 @@ pub const REQUIRED_FILES: &[&str] = &[
     "usr/lib/grub/x86_64-efi/linux.mod",
     "usr/bin/openssl",
     "usr/bin/curl",
+    "usr/bin/ceph-mon",
+    "usr/bin/ceph-osd",
+    "usr/bin/ceph-mgr",
+    "usr/bin/rbd",
+    "usr/sbin/nft",
+    "usr/sbin/dnsmasq",
+    "usr/sbin/libvirtd",
+    "usr/bin/qemu-system-x86_64",
+    "usr/share/keel/repo/Packages",
+    "usr/share/keel/repo/Release",
+    "etc/apt/sources.list.d/keel-offline.sources",
 ];
+
+/// URL schemes an apt source in the image may not use: an installed node has no network.
+const NETWORK_SOURCE_SCHEMES: &[&str] = &["http://", "https://", "ftp://", "copy:", "cdrom:"];
+
+/// Builds the manifest of the offline repository in `dir` from its `Packages` index and
+/// checks the index against the files: every entry's `.deb` exists with the SHA-256 the index
+/// gives, and every `.deb` in `dir` is indexed. Sorted by package name.
+pub fn repo_manifest(dir: &Path) -> Result<Vec<ManifestEntry>, ImageError> {
+    let index = dir.join("Packages");
+    let text = fs::read_to_string(&index).map_err(io_err(&index))?;
+    let mut problems = Vec::new();
+    let mut entries = Vec::new();
+    let mut indexed = BTreeSet::new();
+    for (n, para) in text.split("\n\n").enumerate() {
+        if para.trim().is_empty() {
+            continue;
+        }
+        let field = |name: &str| {
+            para.lines().find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        let (Some(name), Some(version), Some(arch), Some(file), Some(sha256)) = (
+            field("Package"),
+            field("Version"),
+            field("Architecture"),
+            field("Filename"),
+            field("SHA256"),
+        ) else {
+            problems.push(format!(
+                "Packages entry {n} lacks one of Package, Version, Architecture, Filename, SHA256"
+            ));
+            continue;
+        };
+        let path = dir.join(&file);
+        match sha256_file(&path) {
+            Ok(actual) if actual == sha256 => {}
+            Ok(actual) => problems.push(format!(
+                "{file}: SHA-256 {actual}, but the index says {sha256}"
+            )),
+            Err(e) => problems.push(e.to_string()),
+        }
+        indexed.insert(file.trim_start_matches("./").to_string());
+        entries.push(ManifestEntry {
+            package: InstalledPackage {
+                name,
+                version,
+                arch,
+            },
+            sha256: Some(sha256),
+        });
+    }
+    let on_disk = fs::read_dir(dir).map_err(io_err(dir))?;
+    for e in on_disk.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.ends_with(".deb") && !indexed.contains(&name) {
+            problems.push(format!("{name} is not in the Packages index"));
+        }
+    }
+    if entries.is_empty() {
+        problems.push("the Packages index lists no package".into());
+    }
+    if !problems.is_empty() {
+        return Err(ImageError::Repo {
+            dir: dir.to_path_buf(),
+            problems,
+        });
+    }
+    entries.sort_by(|a, b| a.package.cmp(&b.package));
+    Ok(entries)
+}
+
+/// The apt source files of a root filesystem that name a network location, with the line.
+fn network_apt_sources(root: &Path) -> Vec<String> {
+    let mut files = vec![root.join("etc/apt/sources.list")];
+    if let Ok(d) = fs::read_dir(root.join("etc/apt/sources.list.d")) {
+        let mut more: Vec<PathBuf> = d.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    let mut found = Vec::new();
+    for f in files {
+        let Ok(text) = fs::read_to_string(&f) else {
+            continue;
+        };
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') {
+                continue;
+            }
+            if NETWORK_SOURCE_SCHEMES.iter().any(|s| line.contains(s)) {
+                let rel = f.strip_prefix(root).unwrap_or(&f);
+                found.push(format!(
+                    "/{}: apt source '{line}' needs a network or a build-host path; an installed node has neither (only file: sources)",
+                    rel.display()
+                ));
+            }
+        }
+    }
+    found
+}
 
 /// Checks a finished root filesystem: required files present, no machine identity and no SSH
 /// host keys baked in, no apt cache left behind, exactly one kernel and initrd.
@@ -258,6 +374,7 @@ pub fn verify_rootfs(root: &Path, with_node: bool) -> Result<(), ImageError> {
         Err(_) => problems
             .push("/etc/machine-id is missing (it must exist and be empty for first boot)".into()),
     }
+    problems.extend(network_apt_sources(root));
     if root.join("var/lib/dbus/machine-id").exists() {
         problems.push("/var/lib/dbus/machine-id is baked in".into());
     }
@@ -461,9 +578,67 @@ mod tests {
             "qemu-system-x86",
             "dnsmasq-base",
             "nftables",
+            "ceph-mon",
+            "ceph-osd",
+            "ceph-mgr",
+            "ceph-common",
+            "qemu-block-extra",
         ] {
             assert!(list.iter().any(|p| p == must), "{must} missing");
         }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipe/optional.txt");
+        let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        let optional = parse_package_list("optional.txt", &text).unwrap_or_else(|e| panic!("{e}"));
+        let twice: Vec<&String> = optional.iter().filter(|p| list.contains(p)).collect();
+        assert!(twice.is_empty(), "in both lists: {twice:?}");
+        assert!(optional.iter().any(|p| p == "tcpdump"));
+    }
+
+    fn write(path: &Path, bytes: &[u8]) {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).unwrap_or_else(|e| panic!("{e}"));
+        }
+        fs::write(path, bytes).unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    const ABC_SHA256: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn repo_manifest_checks_the_index_against_the_files() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let repo = dir.path();
+        write(&repo.join("tcpdump_4.99.3-1_amd64.deb"), b"abc");
+        write(&repo.join("jq_1.6-2.1_amd64.deb"), b"abc");
+        let stanza = |name: &str, version: &str, sha: &str| {
+            format!(
+                "Package: {name}\nVersion: {version}\nArchitecture: amd64\nFilename: {name}_{version}_amd64.deb\nSHA256: {sha}\nDescription: x\n continued\n\n"
+            )
+        };
+        let good = stanza("tcpdump", "4.99.3-1", ABC_SHA256) + &stanza("jq", "1.6-2.1", ABC_SHA256);
+        write(&repo.join("Packages"), good.as_bytes());
+        let m = repo_manifest(repo).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[0].to_string(),
+            format!("jq\t1.6-2.1\tamd64\t{ABC_SHA256}")
+        );
+
+        // a corrupted file, a file missing from the index, an entry without its file
+        write(&repo.join("jq_1.6-2.1_amd64.deb"), b"abd");
+        write(&repo.join("stray_1_amd64.deb"), b"abc");
+        let bad = good + &stanza("gone", "1", ABC_SHA256);
+        write(&repo.join("Packages"), bad.as_bytes());
+        let e = repo_manifest(repo).unwrap_err().to_string();
+        for needle in [
+            "jq_1.6-2.1_amd64.deb: SHA-256",
+            "stray_1_amd64.deb is not in the Packages index",
+            "gone_1_amd64.deb",
+        ] {
+            assert!(e.contains(needle), "{needle} not in {e}");
+        }
+        write(&repo.join("Packages"), b"");
+        let e = repo_manifest(repo).unwrap_err().to_string();
+        assert!(e.contains("lists no package"), "{e}");
     }
 
     const STATUS: &str = "Package: zlib1g\nStatus: install ok installed\nVersion: 1:1.2.13.dfsg-1\nArchitecture: amd64\nDescription: x\n continued\n\nPackage: gone\nStatus: deinstall ok config-files\nVersion: 1\nArchitecture: amd64\n\nPackage: bash\nStatus: install ok installed\nArchitecture: amd64\nVersion: 5.2.15-2+b2\n";
@@ -503,6 +678,10 @@ mod tests {
         fs::create_dir_all(root.join("etc/ssh")).unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/machine-id"), "abc\n").unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "k").unwrap_or_else(|e| panic!("{e}"));
+        write(
+            &root.join("etc/apt/sources.list"),
+            b"# built from\ndeb [trusted=yes] copy:///var/cache/keel-image/debs ./\n",
+        );
         let e = verify_rootfs(root, true).unwrap_err().to_string();
         for needle in [
             "/usr/bin/keel is missing",
@@ -510,6 +689,9 @@ mod tests {
             "machine-id is not empty",
             "ssh_host_ed25519_key",
             "0 kernel files",
+            "/usr/bin/ceph-osd is missing",
+            "/usr/share/keel/repo/Packages is missing",
+            "apt source 'deb [trusted=yes] copy:///var/cache/keel-image/debs ./'",
         ] {
             assert!(e.contains(needle), "{needle} not in {e}");
         }

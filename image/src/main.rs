@@ -27,6 +27,9 @@ enum Command {
         #[arg(long)]
         debs: Option<PathBuf>,
     },
+    /// Print the manifest of an offline apt repository (name, version, arch, .deb SHA-256),
+    /// after checking its Packages index against its files.
+    RepoManifest { dir: PathBuf },
     /// Fail if a guest's packet capture shows an outbound connection (the air-gap check).
     PcapOutbound {
         /// UDP destination ports the guest may use (DHCP: 67).
@@ -69,6 +72,11 @@ fn run(cli: Cli) -> Result<(), keel_image::ImageError> {
         }
         Command::Manifest { root, debs } => {
             for entry in keel_image::manifest(&root, debs.as_deref())? {
+                println!("{entry}");
+            }
+        }
+        Command::RepoManifest { dir } => {
+            for entry in keel_image::repo_manifest(&dir)? {
                 println!("{entry}");
             }
         }

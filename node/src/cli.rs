@@ -142,6 +142,9 @@ pub enum TokenCmd {
 pub enum NodeCmd {
     /// List the nodes with their health and raft role.
     List,
+    /// Show one node (by id or name): health, resources, hypervisor, guest networks and
+    /// the host's systemd units.
+    Show { node: String },
     /// Remove a node (by id or name) from the cluster.
     Remove { node: String },
     /// Take a node out of placement and move its VMs to other nodes (live if running).
@@ -307,6 +310,11 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
                 )
             })
         }
+        Cmd::Node(NodeCmd::Show { node }) => {
+            let hosts: Vec<HostView> = client.get("/api/v1/hosts").await?;
+            let host = find_host(&hosts, &node)?;
+            print(output, host, node_text)
+        }
         Cmd::Vm(compute::VmCmd::Console { vm }) => {
             crate::console_client::attach(&socket, &vm).await
         }
@@ -365,6 +373,132 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
     }
 }
 
+/// The node `node` names: its id or its name.
+fn find_host<'a>(hosts: &'a [HostView], node: &str) -> anyhow::Result<&'a HostView> {
+    hosts
+        .iter()
+        .find(|h| h.id.to_string() == node)
+        .or_else(|| hosts.iter().find(|h| h.name == node))
+        .ok_or_else(|| anyhow::anyhow!("no node {node:?}: see `keel node list`"))
+}
+
+/// `keel node show`: the node's fields, then its host units.
+fn node_text(h: &HostView) -> String {
+    use compute::{age, fields, or_dash};
+    let mut rows = vec![
+        ("name", h.name.clone()),
+        ("id", h.id.to_string()),
+        (
+            "health",
+            format!("{} for {}", h.health, age(h.health_since_ms)),
+        ),
+        (
+            "role",
+            format!("{}{}", h.role, if h.leader { " (leader)" } else { "" }),
+        ),
+        ("kind", if h.witness { "witness" } else { "compute" }.into()),
+        ("zone", format!("{} / {}", h.zone, h.compute_cluster)),
+        ("peer", h.peer_addr.clone()),
+        ("api", h.api_addr.clone()),
+        ("drained", if h.maintenance { "yes" } else { "no" }.into()),
+    ];
+    let Some(i) = &h.inventory else {
+        rows.push(("inventory", "not reported yet".into()));
+        return fields(&rows);
+    };
+    rows.push((
+        "resources",
+        format!(
+            "{} cpu / {} MiB ({})",
+            i.cpus,
+            i.memory_bytes >> 20,
+            i.cpu_model
+        ),
+    ));
+    rows.push(("kernel", i.kernel.clone()));
+    rows.push(("keel", i.keel_version.clone()));
+    rows.push((
+        "kvm",
+        match i.kvm_usable {
+            Some(true) => "usable".into(),
+            Some(false) => format!("not usable: {}", i.kvm_detail),
+            None => or_dash(Some(&i.kvm_detail).filter(|d| !d.is_empty())),
+        },
+    ));
+    if let Some(hv) = &i.hypervisor {
+        rows.push((
+            "hypervisor",
+            match &hv.error {
+                Some(e) => format!("error: {e}"),
+                None => format!("{}, libvirt {}", hv.domain_type, hv.libvirt_version),
+            },
+        ));
+    }
+    if let Some(n) = &i.network {
+        let vnis = n.vnis.iter().map(u32::to_string).collect::<Vec<_>>();
+        rows.push((
+            "networks",
+            format!(
+                "{} built{}",
+                n.vnis.len(),
+                if vnis.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (VNI {})", vnis.join(", "))
+                }
+            ),
+        ));
+        for e in &n.errors {
+            rows.push(("network error", e.clone()));
+        }
+    }
+    rows.push((
+        "host units",
+        match &i.host_units {
+            None => "not managed (no systemd, or [host] systemd = \"off\")".into(),
+            Some(units) if units.is_empty() => "none configured".into(),
+            Some(units) => {
+                let down = units.iter().filter(|u| u.error.is_some()).count();
+                if down == 0 {
+                    format!("{} running", units.len())
+                } else {
+                    format!("{} of {} with problems", down, units.len())
+                }
+            }
+        },
+    ));
+    rows.push((
+        "reported",
+        i.reported_at_ms
+            .map_or("-".into(), |t| format!("{} ago", age(t))),
+    ));
+    let mut out = fields(&rows);
+    if let Some(units) = i.host_units.as_ref().filter(|u| !u.is_empty()) {
+        out.push('\n');
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        let rows = units
+            .iter()
+            .map(|u| {
+                vec![
+                    u.unit.clone(),
+                    dash(&u.load_state),
+                    dash(&u.active_state),
+                    dash(&u.sub_state),
+                    or_dash(u.error.as_deref()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["UNIT", "LOAD", "ACTIVE", "SUB", "ERROR"], rows));
+    }
+    out
+}
+
 fn print<T: Serialize>(
     output: Output,
     value: &T,
@@ -400,4 +534,111 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push_str(&line(row));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(host_units: Option<Vec<HostUnitView>>) -> HostView {
+        HostView {
+            id: 2,
+            name: "node2".into(),
+            zone: "zone1".into(),
+            compute_cluster: "cluster1".into(),
+            peer_addr: "10.0.0.12:7400".into(),
+            api_addr: "10.0.0.12:8443".into(),
+            witness: false,
+            health: "up".into(),
+            health_since_ms: 0,
+            role: "voter".into(),
+            leader: false,
+            joined_at_ms: 0,
+            maintenance: false,
+            inventory: Some(InventoryView {
+                hostname: "node2".into(),
+                kernel: "6.1.0".into(),
+                cpus: 4,
+                cpu_model: "QEMU".into(),
+                memory_bytes: 8 << 30,
+                disks: vec![],
+                nics: vec![],
+                kvm_device_present: true,
+                kvm_usable: Some(true),
+                kvm_detail: String::new(),
+                keel_version: "0.1.0".into(),
+                reported_at_ms: Some(0),
+                hypervisor: None,
+                network: Some(NetworkReportView {
+                    vnis: vec![4096],
+                    errors: vec!["network blue: dnsmasq: exited".into()],
+                }),
+                host_units,
+            }),
+        }
+    }
+
+    #[test]
+    fn node_show_prints_host_units_and_their_errors() {
+        let text = node_text(&host(Some(vec![
+            HostUnitView {
+                unit: "libvirtd.service".into(),
+                load_state: "loaded".into(),
+                active_state: "active".into(),
+                sub_state: "running".into(),
+                error: None,
+            },
+            HostUnitView {
+                unit: "ceph-mon@node2.service".into(),
+                load_state: "not-found".into(),
+                active_state: "inactive".into(),
+                sub_state: "dead".into(),
+                error: Some("systemd has no such unit".into()),
+            },
+        ])));
+        assert!(
+            text.contains("host units     1 of 2 with problems"),
+            "{text}"
+        );
+        assert!(
+            text.contains("network error  network blue: dnsmasq: exited"),
+            "{text}"
+        );
+        let table_lines: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("UNIT"))
+            .collect();
+        assert_eq!(table_lines.len(), 3, "{text}");
+        let cells = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(table_lines[1]),
+            ["libvirtd.service", "loaded", "active", "running", "-"],
+            "{text}"
+        );
+        assert_eq!(
+            cells(table_lines[2])[..4],
+            ["ceph-mon@node2.service", "not-found", "inactive", "dead"],
+            "{text}"
+        );
+        assert!(
+            table_lines[2].ends_with("  systemd has no such unit"),
+            "{text}"
+        );
+
+        let text = node_text(&host(None));
+        assert!(text.contains("host units     not managed"), "{text}");
+        assert!(!text.contains("UNIT"), "{text}");
+    }
+
+    #[test]
+    fn nodes_are_found_by_id_or_name() {
+        let hosts = vec![host(None)];
+        assert_eq!(find_host(&hosts, "2").expect("id").name, "node2");
+        assert_eq!(find_host(&hosts, "node2").expect("name").id, 2);
+        assert!(find_host(&hosts, "node9").is_err());
+    }
 }

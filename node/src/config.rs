@@ -93,6 +93,7 @@ pub struct NodeConfig {
     pub duties: DutyTuning,
     pub compute: ComputeConfig,
     pub network: NetworkConfig,
+    pub host: HostConfig,
 }
 
 impl Default for NodeConfig {
@@ -109,6 +110,7 @@ impl Default for NodeConfig {
             duties: DutyTuning::default(),
             compute: ComputeConfig::default(),
             network: NetworkConfig::default(),
+            host: HostConfig::default(),
         }
     }
 }
@@ -157,6 +159,73 @@ impl Default for NetworkConfig {
             roles: Default::default(),
         }
     }
+}
+
+/// Whether the node service manages the host's systemd units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SystemdMode {
+    /// When systemd runs the host (`/run/systemd/system` exists, sd_booted(3)).
+    #[default]
+    Auto,
+    /// Always (without systemd, every unit reports the bus error).
+    On,
+    /// Never: the units are left to the host.
+    Off,
+}
+
+/// Where systemd says it booted the host (sd_booted(3)).
+pub const SYSTEMD_BOOTED_DIR: &str = "/run/systemd/system";
+
+/// The host's own services (systemd units) the node service keeps running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Whether the node service manages `units` at all.
+    pub systemd: SystemdMode,
+    /// Units started when they are not running (libvirtd now; Ceph's daemons later).
+    pub units: Vec<String>,
+    /// How often their state is checked.
+    pub units_interval_ms: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            systemd: SystemdMode::Auto,
+            units: vec!["libvirtd.service".into()],
+            units_interval_ms: 15_000,
+        }
+    }
+}
+
+impl HostConfig {
+    /// Whether the node service manages `units` through systemd on this host.
+    pub fn manages_units(&self) -> bool {
+        self.manages_units_if_booted(Path::new(SYSTEMD_BOOTED_DIR).is_dir())
+    }
+
+    /// [`Self::manages_units`] given whether systemd booted the host.
+    pub fn manages_units_if_booted(&self, systemd_booted: bool) -> bool {
+        match self.systemd {
+            SystemdMode::Auto => systemd_booted,
+            SystemdMode::On => true,
+            SystemdMode::Off => false,
+        }
+    }
+}
+
+/// Whether `name` can be a systemd unit name (`name.suffix`, systemd's characters).
+fn valid_unit_name(name: &str) -> bool {
+    let Some((stem, suffix)) = name.rsplit_once('.') else {
+        return false;
+    };
+    name.len() <= 255
+        && !stem.is_empty()
+        && !suffix.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +333,18 @@ impl NodeConfig {
                 })?;
             }
         }
+        if let Some(bad) = self.host.units.iter().find(|u| !valid_unit_name(u)) {
+            return Err(ConfigError::Invalid {
+                field: "host.units",
+                reason: format!("{bad:?} is not a systemd unit name (e.g. \"libvirtd.service\")"),
+            });
+        }
+        if self.host.units_interval_ms < 100 {
+            return Err(ConfigError::Invalid {
+                field: "host.units_interval_ms",
+                reason: "must be at least 100".into(),
+            });
+        }
         let d = &self.duties;
         if !(d.suspect_after_ms < d.down_after_ms && d.down_after_ms <= d.voter_replace_after_ms) {
             return Err(ConfigError::Invalid {
@@ -352,6 +433,65 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
         assert!(msg.contains("unknown field `write_timeout`"), "{msg}");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn host_section_parses_with_defaults() {
+        let cfg = NodeConfig::from_toml("name = \"n1\"").expect("parse");
+        assert_eq!(cfg.host.systemd, SystemdMode::Auto);
+        assert_eq!(cfg.host.units, vec!["libvirtd.service".to_string()]);
+        assert_eq!(cfg.host.units_interval_ms, 15_000);
+        cfg.validate().expect("valid");
+
+        let cfg = NodeConfig::from_toml(
+            r#"
+            name = "n1"
+            [host]
+            systemd = "on"
+            units = ["libvirtd.service", "ceph-mon@n1.service"]
+            units_interval_ms = 5000
+            "#,
+        )
+        .expect("parse");
+        assert_eq!(cfg.host.systemd, SystemdMode::On);
+        assert_eq!(cfg.host.units.len(), 2);
+        assert_eq!(cfg.host.units_interval_ms, 5000);
+        cfg.validate().expect("valid");
+
+        let cfg = NodeConfig::from_toml("[host]\nsystemd = \"off\"\nunits = []").expect("parse");
+        assert_eq!(cfg.host.systemd, SystemdMode::Off);
+        assert!(cfg.host.units.is_empty());
+    }
+
+    #[test]
+    fn host_section_typos_and_bad_values_are_errors() {
+        assert!(NodeConfig::from_toml("[host]\nsystemd = \"yes\"").is_err());
+        assert!(NodeConfig::from_toml("[host]\nunit = [\"libvirtd.service\"]").is_err());
+        for units in [
+            "[\"libvirtd\"]",
+            "[\"lib virtd.service\"]",
+            "[\"\"]",
+            "[\"a/b.service\"]",
+        ] {
+            let cfg = NodeConfig::from_toml(&format!("name = \"n1\"\n[host]\nunits = {units}"))
+                .expect("parse");
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("host.units"), "{units}: {err}");
+        }
+        let cfg =
+            NodeConfig::from_toml("name = \"n1\"\n[host]\nunits_interval_ms = 0").expect("parse");
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn systemd_auto_follows_sd_booted() {
+        let mut host = HostConfig::default();
+        assert!(host.manages_units_if_booted(true));
+        assert!(!host.manages_units_if_booted(false));
+        host.systemd = SystemdMode::On;
+        assert!(host.manages_units_if_booted(false));
+        host.systemd = SystemdMode::Off;
+        assert!(!host.manages_units_if_booted(true));
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub fn probe() -> Inventory {
         keel_version: env!("CARGO_PKG_VERSION").to_string(),
         hypervisor: None,
         network: None,
+        host_units: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! * [`service`] — `keel serve`: listeners, the cluster database, agent and duties.
 //! * [`api`] — the HTTPS API and the admin socket (one set of handlers).
 //! * [`duties`] — leader-only management duties (host health, voters).
+//! * [`host`] — the host's own systemd units the service keeps running (libvirtd).
 //! * [`cli`] / [`client`] — the command line and its admin-socket client.
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod compute;
 pub mod config;
 pub mod console_client;
 pub mod duties;
+pub mod host;
 pub mod inventory;
 pub mod join;
 pub mod metrics;

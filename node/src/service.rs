@@ -27,6 +27,8 @@ use crate::compute::reconciler::ComputeHost;
 use crate::compute::transfer::{NodeHostServices, PeerTemplateSource};
 use crate::config::{ConfigError, NodeConfig};
 use crate::duties::{self, DutyStatus};
+use crate::host::supervisor::{HostUnits, UnitReports};
+use crate::host::systemd::SystemdDbus;
 use crate::network::dnsmasq::Dnsmasq;
 use crate::network::netlink::Netlink;
 use crate::network::nft::Nftables;
@@ -235,6 +237,8 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     });
 
     let shutdown = CancellationToken::new();
+    // First: libvirtd must be up before the compute service connects to it.
+    let host_units = start_host_units(&config, &shutdown);
     let duty_status = Arc::new(DutyStatus::default());
     let state = AppState {
         db: db.clone(),
@@ -344,6 +348,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         config.clone(),
         hypervisor_report,
         network_report,
+        host_units,
         shutdown.clone(),
     ));
     tokio::spawn(duties::run(
@@ -374,6 +379,28 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps the host's systemd units (`[host] units`) running when systemd runs the host
+/// (`[host] systemd`). Returns the reports for the inventory, `None` when off. A system bus
+/// that cannot be reached does not stop the node: the supervisor reports it and retries.
+fn start_host_units(
+    config: &NodeConfig,
+    shutdown: &CancellationToken,
+) -> Option<tokio::sync::watch::Receiver<UnitReports>> {
+    // A witness runs no workloads, so it needs none of the workload units either.
+    if config.witness || !config.host.manages_units() {
+        tracing::debug!(mode = ?config.host.systemd,
+            "host units: not managed (systemd does not run this host, or [host] systemd = \"off\")");
+        return None;
+    }
+    let (units, reports) = HostUnits::new(
+        Arc::new(SystemdDbus::system()),
+        config.host.units.clone(),
+        Duration::from_millis(config.host.units_interval_ms),
+    );
+    tokio::spawn(units.run(shutdown.clone()));
+    Some(reports)
 }
 
 /// Free space the data directory needs before raft is restarted after a storage failure.
@@ -542,6 +569,7 @@ async fn agent(
     config: NodeConfig,
     hypervisor: Arc<std::sync::Mutex<Option<HypervisorReport>>>,
     network: Arc<std::sync::Mutex<Option<keel_cluster::model::NetworkReport>>>,
+    host_units: Option<tokio::sync::watch::Receiver<UnitReports>>,
     stop: CancellationToken,
 ) {
     let mut beat =
@@ -551,6 +579,7 @@ async fn agent(
     let mut last_inventory: Option<std::time::Instant> = None;
     let mut last_hypervisor: Option<HypervisorReport> = None;
     let mut last_network = None;
+    let mut last_units = None;
     let mut roles_given = config.network.roles.is_empty();
     loop {
         tokio::select! {
@@ -574,12 +603,14 @@ async fn agent(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        let units_report = host_units.as_ref().and_then(|rx| rx.borrow().clone());
         // A change of the hypervisor's availability matters to placement at once, a
-        // network problem to the operator; the rest of the inventory is refreshed every
-        // minute.
+        // network or host unit problem to the operator; the rest of the inventory is
+        // refreshed every minute.
         if last_inventory.is_some_and(|t| t.elapsed() < inventory_every)
             && hv_report == last_hypervisor
             && net_report == last_network
+            && units_report == last_units
         {
             continue;
         }
@@ -594,6 +625,7 @@ async fn agent(
         }
         inventory.hypervisor = hv_report.clone();
         inventory.network = net_report.clone();
+        inventory.host_units = units_report.clone();
         let current = db
             .reader()
             .read(|c| model::host(c, node_id))
@@ -604,6 +636,7 @@ async fn agent(
             last_inventory = Some(std::time::Instant::now());
             last_hypervisor = hv_report;
             last_network = net_report;
+            last_units = units_report;
             continue;
         }
         match db
@@ -618,6 +651,7 @@ async fn agent(
                 last_inventory = Some(std::time::Instant::now());
                 last_hypervisor = hv_report;
                 last_network = net_report;
+                last_units = units_report;
             }
             Err(e) => {
                 tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying")

@@ -16,10 +16,10 @@ use openraft::ServerState;
 
 use crate::api::types::{
     AffinityGroupView, ClusterView, DiskView, GroupPolicy, HostNetworkView, HostNetworksView,
-    HostView, HypervisorView, InventoryView, MemberView, NetworkDetailView, NetworkLeaseView,
-    NetworkReportView, NetworkView, NicView, OperationView, RuleDirection, RuleProtocol,
-    SecurityGroupView, SecurityRuleView, TemplateFormat, TemplateView, VmBoot, VmDetailView,
-    VmNicView, VmObservedView, VmView,
+    HostUnitView, HostView, HypervisorView, InventoryView, MemberView, NetworkDetailView,
+    NetworkLeaseView, NetworkReportView, NetworkView, NicView, OperationView, RuleDirection,
+    RuleProtocol, SecurityGroupView, SecurityRuleView, TemplateFormat, TemplateView, VmBoot,
+    VmDetailView, VmNicView, VmObservedView, VmView,
 };
 
 fn state_name(state: ServerState) -> &'static str {
@@ -148,6 +148,18 @@ pub fn host_views(db: &ClusterDb, hosts: Vec<Host>) -> Vec<HostView> {
                 network: i.network.map(|n| NetworkReportView {
                     vnis: n.vnis,
                     errors: n.errors,
+                }),
+                host_units: i.host_units.map(|units| {
+                    units
+                        .into_iter()
+                        .map(|u| HostUnitView {
+                            unit: u.unit,
+                            load_state: u.load_state,
+                            active_state: u.active_state,
+                            sub_state: u.sub_state,
+                            error: u.error,
+                        })
+                        .collect()
                 }),
             });
             HostView {

@@ -505,6 +505,11 @@ impl TestCluster {
                     guests.join("keel-tiny.initrd").display().to_string(),
                 ));
             }
+            if !toml.contains("[host]") {
+                // Test nodes share this machine: never let one manage the machine's own
+                // systemd units (on a developer box with systemd, "auto" would).
+                toml.push_str("\n[host]\nsystemd = \"off\"\n");
+            }
             std::fs::write(&config, toml).with_context(|| format!("write {}", config.display()))?;
             let mut spec = ProcessSpec::new(&name, &keel, &hdir)
                 .netns(net.ns(i))

@@ -193,6 +193,26 @@ pub struct Inventory {
     /// reported).
     #[serde(default)]
     pub network: Option<NetworkReport>,
+    /// The host's systemd units the node service keeps running (`None`: it does not
+    /// manage any here — no systemd, or `[host] systemd = "off"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_units: Option<Vec<HostUnitReport>>,
+}
+
+/// One systemd unit of the host the node service keeps running, as it last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HostUnitReport {
+    /// The unit's name, e.g. `libvirtd.service`.
+    pub unit: String,
+    /// systemd's `LoadState` (`loaded`, `not-found`, `masked`, …; empty: not read).
+    pub load_state: String,
+    /// systemd's `ActiveState` (`active`, `activating`, `inactive`, `failed`, …).
+    pub active_state: String,
+    /// systemd's `SubState` (`running`, `dead`, …).
+    pub sub_state: String,
+    /// Why the unit is not running, or why its state could not be read (`None`: fine).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// What a host's network reconciler built, and what it could not.

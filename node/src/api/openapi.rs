@@ -81,7 +81,7 @@ use super::{console, floating_ips, handlers, networks, templates, vms};
         SecurityGroupCreateRequest, RuleDirection, RuleProtocol, SecurityRuleCreateRequest,
         SecurityRuleView, SecurityGroupView, HostNetworkSetRequest, HostNetworkView,
         HostNetworksView, FloatingIpAllocateRequest, FloatingIpAttachRequest, PortForwardView,
-        FloatingIpView, NetworkReportView
+        FloatingIpView, NetworkReportView, HostUnitView
     )),
     modifiers(&BearerAuth)
 )]

@@ -96,6 +96,23 @@ pub struct InventoryView {
     pub hypervisor: Option<HypervisorView>,
     /// The host's guest networks as its network service last converged them.
     pub network: Option<NetworkReportView>,
+    /// The host's systemd units its node service keeps running (`null`: it manages none
+    /// there: no systemd, or `[host] systemd = "off"`).
+    pub host_units: Option<Vec<HostUnitView>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostUnitView {
+    /// The unit's name, e.g. `libvirtd.service`.
+    pub unit: String,
+    /// systemd's LoadState (`loaded`, `not-found`, `masked`, …; empty: not read).
+    pub load_state: String,
+    /// systemd's ActiveState (`active`, `activating`, `inactive`, `failed`, …).
+    pub active_state: String,
+    /// systemd's SubState (`running`, `dead`, …).
+    pub sub_state: String,
+    /// Why the unit is not running, or its state could not be read (`null`: fine).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

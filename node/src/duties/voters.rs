@@ -104,8 +104,15 @@ pub async fn run(db: ClusterDb, tuning: DutyTuning, tick: Duration, stop: Cancel
             continue;
         };
         if let Some(voters) = desired_voters(&input) {
-            tracing::info!(from = ?input.voters, to = ?voters, "changing voters");
-            if let Err(e) = db.set_voters(voters).await {
+            // Lost voters that lose their seat leave raft; healthy ones become learners.
+            let leave: BTreeSet<NodeId> = input
+                .lost
+                .iter()
+                .copied()
+                .filter(|v| !voters.contains(v))
+                .collect();
+            tracing::info!(from = ?input.voters, to = ?voters, leaving = ?leave, "changing voters");
+            if let Err(e) = db.set_voters(voters, leave).await {
                 tracing::warn!(error = %error_chain(&e), "voter change failed; retrying next tick");
             }
         }
