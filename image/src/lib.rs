@@ -123,21 +123,29 @@ impl InstalledPackage {
     }
 }
 
+/// The non-empty paragraphs (stanzas) of a Debian control-format file, numbered from 0 as
+/// they come.
+fn stanzas(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.split("\n\n")
+        .enumerate()
+        .filter(|(_, para)| !para.trim().is_empty())
+}
+
+/// A single-line field of a stanza (`Name: value`), trimmed.
+fn stanza_field(para: &str, name: &str) -> Option<String> {
+    para.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
 /// Parses a dpkg `status` file and returns the packages whose status is `install ok installed`,
 /// sorted by name.
 pub fn parse_dpkg_status(path: &Path, text: &str) -> Result<Vec<InstalledPackage>, ImageError> {
     let mut out = Vec::new();
-    for (index, para) in text.split("\n\n").enumerate() {
-        if para.trim().is_empty() {
-            continue;
-        }
-        let field = |name: &str| {
-            para.lines().find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(':'))
-                    .map(|v| v.trim().to_string())
-            })
-        };
+    for (index, para) in stanzas(text) {
+        let field = |name: &str| stanza_field(para, name);
         let missing = |f: &str| ImageError::DpkgStatus {
             path: path.to_path_buf(),
             index,
@@ -262,17 +270,8 @@ pub fn repo_manifest(dir: &Path) -> Result<Vec<ManifestEntry>, ImageError> {
     let mut problems = Vec::new();
     let mut entries = Vec::new();
     let mut indexed = BTreeSet::new();
-    for (n, para) in text.split("\n\n").enumerate() {
-        if para.trim().is_empty() {
-            continue;
-        }
-        let field = |name: &str| {
-            para.lines().find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(':'))
-                    .map(|v| v.trim().to_string())
-            })
-        };
+    for (n, para) in stanzas(&text) {
+        let field = |name: &str| stanza_field(para, name);
         let (Some(name), Some(version), Some(arch), Some(file), Some(sha256)) = (
             field("Package"),
             field("Version"),
