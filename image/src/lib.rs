@@ -437,10 +437,6 @@ impl fmt::Display for Outbound {
     }
 }
 
-/// Scans a pcap capture (Ethernet) for connections the guest opened: TCP SYNs without ACK
-/// from the guest and UDP datagrams from the guest to a port not in `allowed_udp` (DHCP is
-/// fine). The guest is every sender whose MAC starts with `guest_mac_prefix` (qemu's
-/// 52:54:00); inbound connections (the test's port forward) are not counted.
 /// What a capture held.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scan {
@@ -449,10 +445,16 @@ pub struct Scan {
     pub outbound: Vec<Outbound>,
 }
 
+/// Scans a pcap capture (Ethernet) for connections the guest opened: TCP SYNs without ACK
+/// from the guest to a destination (`ip:port`) not in `allowed_tcp`, and UDP datagrams from
+/// the guest to a port not in `allowed_udp` (DHCP is fine). The guest is every sender whose
+/// MAC starts with `guest_mac_prefix` (qemu's 52:54:00); inbound connections (the test's
+/// port forward) are not counted.
 pub fn outbound_attempts(
     capture: &[u8],
     guest_mac_prefix: &[u8],
     allowed_udp: &[u16],
+    allowed_tcp: &[String],
 ) -> Result<Scan, String> {
     if capture.len() < 24 {
         return Err("not a pcap file (too short)".into());
@@ -513,7 +515,10 @@ pub fn outbound_attempts(
         match proto {
             6 => {
                 let flags = pkt[l4 + 13];
-                if flags & 0x02 != 0 && flags & 0x10 == 0 {
+                if flags & 0x02 != 0
+                    && flags & 0x10 == 0
+                    && !allowed_tcp.contains(&format!("{dst}:{dport}"))
+                {
                     out.push(Outbound {
                         packet: n,
                         what: format!("TCP connection {src}:{sport} -> {dst}:{dport}"),
@@ -750,8 +755,8 @@ mod tests {
             ipv4(guest, 17, 67, 0),     // DHCP: allowed
             ipv4(guest, 17, 53, 0),     // DNS: outbound
         ]);
-        let scan =
-            outbound_attempts(&cap, &[0x52, 0x54, 0x00], &[67]).unwrap_or_else(|e| panic!("{e}"));
+        let scan = outbound_attempts(&cap, &[0x52, 0x54, 0x00], &[67], &[])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((scan.packets, scan.from_guest), (5, 4));
         let text: Vec<String> = scan.outbound.iter().map(|o| o.to_string()).collect();
         assert_eq!(
@@ -761,6 +766,11 @@ mod tests {
                 "packet 5: UDP 10.0.2.15:40000 -> 192.0.2.1:53"
             ]
         );
-        assert!(outbound_attempts(b"nope", &[], &[]).is_err());
+        // an explicitly allowed destination (the test's answer-file server) is not counted
+        let allowed =
+            outbound_attempts(&cap, &[0x52, 0x54, 0x00], &[67], &["192.0.2.1:443".into()])
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(allowed.outbound.len(), 1, "{:?}", allowed.outbound);
+        assert!(outbound_attempts(b"nope", &[], &[], &[]).is_err());
     }
 }

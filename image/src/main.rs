@@ -35,6 +35,9 @@ enum Command {
         /// UDP destination ports the guest may use (DHCP: 67).
         #[arg(long = "allow-udp-port")]
         allow_udp: Vec<u16>,
+        /// TCP destinations (`IP:PORT`) the guest may connect to (a test's answer-file server).
+        #[arg(long = "allow-tcp")]
+        allow_tcp: Vec<String>,
         /// pcap files (qemu filter-dump).
         #[arg(required = true)]
         captures: Vec<PathBuf>,
@@ -82,6 +85,7 @@ fn run(cli: Cli) -> Result<(), keel_image::ImageError> {
         }
         Command::PcapOutbound {
             allow_udp,
+            allow_tcp,
             captures,
         } => {
             let mut bad = Vec::new();
@@ -90,7 +94,12 @@ fn run(cli: Cli) -> Result<(), keel_image::ImageError> {
                     path: c.clone(),
                     source,
                 })?;
-                match keel_image::outbound_attempts(&bytes, &[0x52, 0x54, 0x00], &allow_udp) {
+                match keel_image::outbound_attempts(
+                    &bytes,
+                    &[0x52, 0x54, 0x00],
+                    &allow_udp,
+                    &allow_tcp,
+                ) {
                     Ok(scan) => {
                         eprintln!(
                             "keel-image: {}: {} packets, {} from the guest, {} outbound attempt(s)",

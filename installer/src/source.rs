@@ -9,6 +9,20 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// How long the installer keeps trying to fetch an answer file while the network is not
+/// there yet (DHCP still running, a switch port still coming up).
+const FETCH_PATIENCE: Duration = Duration::from_secs(120);
+const FETCH_RETRY_PAUSE: Duration = Duration::from_secs(3);
+
+/// Whether a curl exit status means "the network or the server is not reachable yet" (worth
+/// another try) rather than a definite answer such as an HTTP error or a malformed URL.
+fn curl_exit_is_transient(code: i32) -> bool {
+    // 6: cannot resolve the host, 7: cannot connect, 28: timeout, 35: TLS handshake,
+    // 52: empty reply, 55/56: send/receive failure
+    matches!(code, 6 | 7 | 28 | 35 | 52 | 55 | 56)
+}
 
 pub const ANSWER_LABEL: &str = "KEEL-ANSWER";
 pub const ANSWER_NAME: &str = "answer.toml";
@@ -132,27 +146,33 @@ impl SourceEnv for LiveEnv {
         if let Some(path) = url.strip_prefix("file://") {
             return std::fs::read_to_string(path).map_err(|e| e.to_string());
         }
-        let out = Command::new("curl")
-            .args([
-                "--fail",
-                "--silent",
-                "--show-error",
-                "--location",
-                "--max-time",
-                "60",
-                "--retry",
-                "10",
-                "--retry-connrefused",
-                "--retry-delay",
-                "3",
-                url,
-            ])
-            .output()
-            .map_err(|e| format!("cannot run curl: {e}"))?;
-        if out.status.success() {
-            String::from_utf8(out.stdout).map_err(|_| "the answer file is not UTF-8".to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        // The live system's DHCP may still be running when the installer starts: curl's own
+        // --retry does not count "no route" or "network unreachable" as transient, so the
+        // installer keeps trying through those for a while itself.
+        let started = Instant::now();
+        loop {
+            let out = Command::new("curl")
+                .args([
+                    "--fail",
+                    "--silent",
+                    "--show-error",
+                    "--location",
+                    "--max-time",
+                    "60",
+                    url,
+                ])
+                .output()
+                .map_err(|e| format!("cannot run curl: {e}"))?;
+            if out.status.success() {
+                return String::from_utf8(out.stdout)
+                    .map_err(|_| "the answer file is not UTF-8".to_string());
+            }
+            let error = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            let transient = out.status.code().is_some_and(curl_exit_is_transient);
+            if !transient || started.elapsed() >= FETCH_PATIENCE {
+                return Err(error);
+            }
+            std::thread::sleep(FETCH_RETRY_PAUSE);
         }
     }
 
@@ -188,6 +208,19 @@ impl SourceEnv for LiveEnv {
 
 #[cfg(test)]
 mod tests {
+    use super::curl_exit_is_transient;
+
+    #[test]
+    fn only_unreachable_networks_and_servers_are_retried() {
+        for code in [6, 7, 28, 56] {
+            assert!(curl_exit_is_transient(code), "{code}");
+        }
+        // 22: an HTTP error (404, 403) with --fail; 3: a malformed URL; 1: unsupported protocol
+        for code in [22, 3, 1] {
+            assert!(!curl_exit_is_transient(code), "{code}");
+        }
+    }
+
     use super::*;
     use std::collections::BTreeMap;
 
