@@ -219,19 +219,24 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             let r = node::firstboot(&cfg, &firstboot, Path::new(node::INIT_OUTPUT), &mut |l| {
                 println!("{l}")
             });
-            banner(&cfg);
+            // a node that has just joined learns the cluster's name and members once the
+            // leader's log reaches it: wait for that (bounded) before showing the banner
+            banner(&cfg, FIRSTBOOT_BANNER_PATIENCE);
             r.map_err(|e| e.to_string())?;
         }
         Cmd::Banner { config } => {
             let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
-            banner(&cfg);
+            banner(&cfg, Duration::ZERO);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn banner(cfg: &NodeConfig) {
-    let text = node::current_banner(cfg);
+/// How long the banner after first boot waits for the cluster's name and members.
+const FIRSTBOOT_BANNER_PATIENCE: Duration = Duration::from_secs(120);
+
+fn banner(cfg: &NodeConfig, patience: Duration) {
+    let text = node::current_banner_within(cfg, patience);
     if let Err(e) = node::write_file(
         Path::new(node::ISSUE_FILE),
         &node::issue_escape(&text),

@@ -457,8 +457,21 @@ pub fn issue_escape(text: &str) -> String {
     text.replace('\\', "\\\\")
 }
 
-/// Builds the banner from the running system.
-pub fn current_banner(cfg: &NodeConfig) -> String {
+/// Whether a `keel cluster status` answer names the cluster and its members. A node that has
+/// just joined answers before the leader's log has reached it (no name, no members yet).
+pub fn status_is_settled(json: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(json).is_ok_and(|v| {
+        v.get("name").and_then(|n| n.as_str()).is_some()
+            && v.get("members")
+                .and_then(|m| m.as_array())
+                .is_some_and(|m| !m.is_empty())
+    })
+}
+
+/// Builds the banner, asking the node for its cluster status again (every 2 s, for up to
+/// `patience`) until the answer is settled: right after first boot, so the banner does not
+/// keep a half-known cluster until the next boot.
+pub fn current_banner_within(cfg: &NodeConfig, patience: Duration) -> String {
     let env = fs::read_to_string(NODE_ENV).unwrap_or_default();
     let addr = env_value(&env, "KEEL_ADDR");
     let status = if Path::new(FIRSTBOOT).exists() {
@@ -475,11 +488,19 @@ pub fn current_banner(cfg: &NodeConfig) -> String {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (ok, out) = run_with_timeout(&cfg.keel_binary, &args, None, Duration::from_secs(10));
-        if ok {
-            summarize_status(&out)
-        } else {
-            "not answering yet (see `journalctl -u keel`)".to_string()
+        let started = Instant::now();
+        loop {
+            let (ok, out) =
+                run_with_timeout(&cfg.keel_binary, &args, None, Duration::from_secs(10));
+            let settled = ok && status_is_settled(&out);
+            if settled || started.elapsed() >= patience {
+                break if ok {
+                    summarize_status(&out)
+                } else {
+                    "not answering yet (see `journalctl -u keel`)".to_string()
+                };
+            }
+            std::thread::sleep(Duration::from_secs(2));
         }
     };
     let mut text = banner_text(cfg, addr.as_deref(), &status);
@@ -612,6 +633,11 @@ mod tests {
         assert!(banner_text(&cfg(), None, "x").contains("(no address yet)"));
         assert_eq!(issue_escape("a\\b"), "a\\\\b");
         assert_eq!(summarize_status("not json"), "status unavailable");
+        assert!(status_is_settled(real));
+        // just joined: the leader's log has not reached this node yet
+        assert!(!status_is_settled(r#"{"state":"learner","members":[]}"#));
+        assert!(!status_is_settled(r#"{"name":"site-a","members":[]}"#));
+        assert!(!status_is_settled("not json"));
     }
 
     #[test]
