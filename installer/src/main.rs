@@ -244,6 +244,12 @@ fn banner(cfg: &NodeConfig, patience: Duration) {
     ) {
         eprintln!("keel-installer: {e}");
     }
+    // Running agettys show the issue file only when they draw the login prompt: ask them to
+    // draw it again, so a console already at the prompt shows the new banner (a line written
+    // straight to a tty can also be lost to agetty's vhangup when it starts at that moment).
+    if let Err(e) = Command::new("agetty").arg("--reload").status() {
+        eprintln!("keel-installer: cannot ask agetty to reload: {e}");
+    }
     let mut c = Console::live();
     for line in text.lines() {
         c.say(line);
