@@ -253,6 +253,7 @@ pub const REQUIRED_FILES: &[&str] = &[
     "usr/sbin/dnsmasq",
     "usr/sbin/libvirtd",
     "usr/bin/qemu-system-x86_64",
+    "usr/bin/apt-get",
     "usr/share/keel/repo/Packages",
     "usr/share/keel/repo/Release",
     "etc/apt/sources.list.d/keel-offline.sources",
@@ -586,6 +587,7 @@ mod tests {
             "ceph-osd",
             "ceph-mgr",
             "ceph-common",
+            "apt",
             "qemu-block-extra",
         ] {
             assert!(list.iter().any(|p| p == must), "{must} missing");
