@@ -375,6 +375,13 @@ pub fn verify_rootfs(root: &Path, with_node: bool) -> Result<(), ImageError> {
             .push("/etc/machine-id is missing (it must exist and be empty for first boot)".into()),
     }
     problems.extend(network_apt_sources(root));
+    for identity in ["etc/nvme/hostid", "etc/nvme/hostnqn"] {
+        if root.join(identity).exists() {
+            problems.push(format!(
+                "/{identity} is baked in: an NVMe host identity must differ per node"
+            ));
+        }
+    }
     if root.join("var/lib/dbus/machine-id").exists() {
         problems.push("/var/lib/dbus/machine-id is baked in".into());
     }
@@ -684,6 +691,7 @@ mod tests {
         fs::create_dir_all(root.join("etc/ssh")).unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/machine-id"), "abc\n").unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "k").unwrap_or_else(|e| panic!("{e}"));
+        write(&root.join("etc/nvme/hostnqn"), b"nqn.2014-08.org.nvmexpress:uuid:x\n");
         write(
             &root.join("etc/apt/sources.list"),
             b"# built from\ndeb [trusted=yes] copy:///var/cache/keel-image/debs ./\n",
@@ -696,6 +704,7 @@ mod tests {
             "ssh_host_ed25519_key",
             "0 kernel files",
             "/usr/bin/ceph-osd is missing",
+            "/etc/nvme/hostnqn is baked in",
             "/usr/share/keel/repo/Packages is missing",
             "apt source 'deb [trusted=yes] copy:///var/cache/keel-image/debs ./'",
         ] {
