@@ -691,7 +691,10 @@ mod tests {
         fs::create_dir_all(root.join("etc/ssh")).unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/machine-id"), "abc\n").unwrap_or_else(|e| panic!("{e}"));
         fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "k").unwrap_or_else(|e| panic!("{e}"));
-        write(&root.join("etc/nvme/hostnqn"), b"nqn.2014-08.org.nvmexpress:uuid:x\n");
+        write(
+            &root.join("etc/nvme/hostnqn"),
+            b"nqn.2014-08.org.nvmexpress:uuid:x\n",
+        );
         write(
             &root.join("etc/apt/sources.list"),
             b"# built from\ndeb [trusted=yes] copy:///var/cache/keel-image/debs ./\n",
