@@ -47,6 +47,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use keel_node::network::nf_tables;
 use keel_tests::cluster::{ApiClient, ClusterOptions, TestCluster};
 use keel_tests::standin::{StandIn, StandInSpec};
 use keel_tests::wait::{abort, millis, secs, wait_until, wait_until_blocking};
@@ -426,68 +427,6 @@ async fn iperf(ns: &str, addr: &str, t: u32) -> Result<Iperf> {
     })
 }
 
-/// The nf_tables ruleset generation of the calling thread's network namespace
-/// (`NFT_MSG_GETGEN` over netlink; the kernel bumps it on every committed transaction).
-/// The same request as the node's `network::nft::ruleset_generation`.
-fn ruleset_generation() -> Result<u32> {
-    use nix::sys::socket::{
-        recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-        SockType,
-    };
-    use std::os::fd::AsRawFd;
-    const NFNL_SUBSYS_NFTABLES: u16 = 10;
-    const NFT_MSG_NEWGEN: u16 = 15;
-    const NFT_MSG_GETGEN: u16 = 16;
-    const NLM_F_REQUEST: u16 = 1;
-    const NFTA_GEN_ID: u16 = 1;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )?;
-    // nlmsghdr (length, type, flags, sequence, port) + nfgenmsg (family, version, res_id).
-    let mut req = Vec::with_capacity(20);
-    req.extend(20u32.to_ne_bytes());
-    req.extend(((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    req.extend(NLM_F_REQUEST.to_ne_bytes());
-    req.extend(1u32.to_ne_bytes());
-    req.extend(0u32.to_ne_bytes());
-    req.extend([0u8, 0, 0, 0]);
-    sendto(
-        fd.as_raw_fd(),
-        &req,
-        &NetlinkAddr::new(0, 0),
-        MsgFlags::empty(),
-    )?;
-    let mut buf = [0u8; 4096];
-    let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-    let msg = &buf[..n];
-    let u16_at = |i: usize| u16::from_ne_bytes([msg[i], msg[i + 1]]);
-    if msg.len() < 20 || u16_at(4) != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-        bail!("unexpected netlink answer to NFT_MSG_GETGEN: {msg:?}");
-    }
-    let len = (u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize).min(msg.len());
-    // Attributes (length, type, value padded to 4 bytes) after the 4-byte nfgenmsg.
-    let mut i = 20;
-    while i + 4 <= len {
-        let (alen, atype) = (u16_at(i) as usize, u16_at(i + 2) & 0x3fff);
-        if alen < 4 || i + alen > len {
-            break;
-        }
-        if atype == NFTA_GEN_ID && alen >= 8 {
-            return Ok(u32::from_be_bytes([
-                msg[i + 4],
-                msg[i + 5],
-                msg[i + 6],
-                msg[i + 7],
-            ]));
-        }
-        i += (alen + 3) & !3;
-    }
-    bail!("no generation id in the netlink answer")
-}
-
 /// What one host's poller saw.
 struct Seen {
     /// From the start of the request to the moment the poller first saw the generation
@@ -508,7 +447,7 @@ fn poll_nft(
     start: std::sync::mpsc::Receiver<Instant>,
     port: u16,
 ) -> Result<Seen> {
-    let mut last = ruleset_generation()?;
+    let mut last = nf_tables::ruleset_generation()?;
     let _ = ready.send(());
     let t0 = start.recv().context("no start")?;
     let mut list_ms = Vec::new();
@@ -518,7 +457,7 @@ fn poll_nft(
         PROPAGATION_TIMEOUT,
         GEN_POLL,
         || {
-            let generation = ruleset_generation()?;
+            let generation = nf_tables::ruleset_generation()?;
             if generation == last {
                 return Ok(None);
             }
