@@ -167,11 +167,8 @@ impl SystemdDbus {
 impl UnitManager for SystemdDbus {
     async fn unit_state(&self, unit: &str) -> Result<UnitState, UnitError> {
         let conn = self.connection().await?;
-        let path = match self.manager(&conn).await {
-            Ok(manager) => manager.load_unit(unit).await,
-            Err(e) => Err(e),
-        };
-        let path = match path {
+        let path = async { self.manager(&conn).await?.load_unit(unit).await };
+        let path = match path.await {
             Ok(path) => path,
             Err(e) => return Err(self.call_failed("LoadUnit", unit, e).await),
         };
@@ -195,11 +192,8 @@ impl UnitManager for SystemdDbus {
 
     async fn start_unit(&self, unit: &str) -> Result<(), UnitError> {
         let conn = self.connection().await?;
-        let job = match self.manager(&conn).await {
-            Ok(manager) => manager.start_unit(unit, "replace").await,
-            Err(e) => Err(e),
-        };
-        match job {
+        let job = async { self.manager(&conn).await?.start_unit(unit, "replace").await };
+        match job.await {
             Ok(job) => {
                 tracing::debug!(unit, job = %job.as_str(), "systemd queued a start job");
                 Ok(())
