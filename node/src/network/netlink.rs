@@ -715,6 +715,18 @@ impl Conn {
         let vx = self.ensure_vxlan(net, underlay.header.index, br).await?;
         for tap in &net.local_taps {
             if let Some(l) = self.link(tap).await? {
+                // libvirt creates a tap down, adds it to its bridge and only then brings
+                // it up: a tap that is down with no bridge is being plugged right now
+                // (a start or a hot-plug), and making it a port first would fail
+                // libvirt's own add with EBUSY. A tap that lost its bridge stays up.
+                if !is_up(&l) && controller_of(&l).is_none() {
+                    tracing::debug!(
+                        tap,
+                        vni = net.vni,
+                        "network: tap being plugged, left to libvirt"
+                    );
+                    continue;
+                }
                 let mtu = mtu_of(&l).unwrap_or(net.mtu);
                 if self.fix(tap, &l, mtu, Some(br)).await? {
                     tracing::info!(tap, vni = net.vni, "network: tap put back on its bridge");

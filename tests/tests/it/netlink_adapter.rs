@@ -23,7 +23,9 @@
 //!   namespace); MTU 1450 on bridge, VXLAN and veth; `list` reads peers and ports back;
 //! * a second `ensure` changes nothing (link indexes, FDB); changed peers and remote MACs
 //!   change only the FDB (`bridge fdb show`); a deleted VXLAN device and a deleted veth
-//!   pair are recreated and traffic flows again; a missing underlay fails;
+//!   pair are recreated and traffic flows again; a missing underlay fails; a VM's tap
+//!   that is down with no bridge (libvirt plugging it) is left alone, one that lost its
+//!   bridge is put back;
 //! * network 4243 (same 10.77.0.0/24) works beside 4242 and cannot reach its VMs;
 //! * `remove` leaves no link and no namespace file; a second `remove` succeeds.
 
@@ -476,6 +478,33 @@ fn overlay_networks_on_three_hosts() -> Result<()> {
     assert_eq!(lab.must_link(0, "kgh4242")?["master"], "kbr4242");
     lab.assert_local_gateway(&vms_a[0], 0, NET_A, &all)?;
     eprintln!("network {NET_A}: a deleted VXLAN device and veth pair are recreated");
+
+    // A VM's tap: one that is down with no bridge is being plugged by libvirt (which adds
+    // it to its bridge before bringing it up) and is left alone; one that is up and lost
+    // its bridge is put back.
+    const TAP: &str = "kt4242test";
+    let ns0 = lab.ns(0);
+    run(
+        "ip",
+        &["-n", &ns0, "tuntap", "add", "dev", TAP, "mode", "tap"],
+    )?;
+    let mut with_tap = lab.spec(NET_A, 0, &[1, 2]);
+    with_tap.local_taps.insert(TAP.to_string());
+    lab.ensure(0, &with_tap)?;
+    let tap = lab.must_link(0, TAP)?;
+    assert!(
+        tap.get("master").is_none(),
+        "a tap being plugged was taken: {tap}"
+    );
+    run("ip", &["-n", &ns0, "link", "set", "dev", TAP, "up"])?;
+    lab.ensure(0, &with_tap)?;
+    let tap = lab.must_link(0, TAP)?;
+    assert_eq!(tap["master"], "kbr4242", "{tap}");
+    run("ip", &["-n", &ns0, "link", "set", "dev", TAP, "nomaster"])?;
+    lab.ensure(0, &with_tap)?;
+    assert_eq!(lab.must_link(0, TAP)?["master"], "kbr4242");
+    run("ip", &["-n", &ns0, "link", "del", "dev", TAP])?;
+    eprintln!("network {NET_A}: a tap being plugged is left to libvirt; a lost one is put back");
 
     // Network B: the same CIDR on hosts 0 and 1, isolated from A.
     let pair = [0, 1];
