@@ -504,11 +504,30 @@ fn print<T: Serialize>(
     value: &T,
     text: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Table => print!("{}", text(value)),
+    let mut out = match output {
+        Output::Json => serde_json::to_string_pretty(value)?,
+        Output::Table => text(value),
+    };
+    if matches!(output, Output::Json) {
+        out.push('\n');
     }
-    Ok(())
+    write_stdout(&out)
+}
+
+/// Writes `text` to standard output. A reader that went away (`keel … | head`) is not an
+/// error: the command did its work and nobody is left to read the rest.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to standard output"))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {

@@ -50,6 +50,28 @@ async fn three_nodes_form_one_cluster() -> anyhow::Result<()> {
     }
     let nodes = c.nodes(0).await?;
     assert_eq!(nodes.as_array().map(Vec::len), Some(3), "{nodes}");
+
+    // `keel node list | head`: a reader that is gone before the output is written is
+    // not an error (and no panic), in both output formats.
+    for format in ["table", "json"] {
+        let (read_end, write_end) = nix::unistd::pipe()?;
+        drop(read_end);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.net().ns(0)])
+            .arg(c.keel_bin())
+            .arg("--socket")
+            .arg(c.socket(0))
+            .args(["node", "list", "--output", format])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(write_end))
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "keel node list --output {format} into a closed pipe: {}: {stderr}",
+            out.status
+        );
+    }
     Ok(())
 }
 
