@@ -26,6 +26,7 @@
 //! - [`dhcp`]: one supervised dnsmasq per network (DHCP with static leases, DNS).
 //! - [`firewall`]: security groups, anti-spoofing and gateway isolation (nftables).
 
+pub mod arp;
 pub mod dhcp;
 pub mod dnsmasq;
 pub mod fake_dhcp;

@@ -48,7 +48,9 @@
 //! routed into some uplink: every `ensure` of any network (and every `remove`) deletes
 //! Keel's proxy entries whose address is not, so an entry whose route vanished with a
 //! deleted `kuh` device does not linger. Proxy entries are added after their route and
-//! deleted before it, so that invariant holds at every step.
+//! deleted before it, so that invariant holds at every step. A proxy entry that is added
+//! is announced by gratuitous ARP ([`super::arp`]): the address may have answered at
+//! another host a moment ago.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -56,7 +58,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::{StreamExt, TryStreamExt};
 use nix::errno::Errno;
@@ -80,6 +82,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
 
+use super::arp::Announcements;
 use super::links::{
     bridge_name, gateway_host_name, gateway_ns_name, uplink_addresses, uplink_host_name,
     uplink_ns_name, vxlan_name, HostAddress, LinkError, Links, MacAddr, NetworkLinks,
@@ -108,6 +111,8 @@ pub struct Netlink {
     /// Serializes `ensure` and `remove`: two concurrent calls for one network would both
     /// create its namespace or its links.
     changes: Mutex<()>,
+    /// Floating IPs being announced; shared with every connection.
+    announcements: Arc<Announcements>,
 }
 
 impl Netlink {
@@ -121,6 +126,7 @@ impl Netlink {
         Ok(Netlink {
             netns_dir,
             changes: Mutex::new(()),
+            announcements: Arc::default(),
         })
     }
 
@@ -141,7 +147,7 @@ impl Netlink {
         F: FnOnce(Conn) -> Fut + Send,
         Fut: Future<Output = Result<T, LinkError>>,
     {
-        on_thread(None, work)
+        on_thread(None, self.announcements.clone(), work)
     }
 
     /// Runs `work` with a netlink connection on a fresh thread inside the router
@@ -152,7 +158,11 @@ impl Netlink {
         F: FnOnce(Conn) -> Fut + Send,
         Fut: Future<Output = Result<T, LinkError>>,
     {
-        on_thread(Some((vni, &self.router_netns(vni))), work)
+        on_thread(
+            Some((vni, &self.router_netns(vni))),
+            self.announcements.clone(),
+            work,
+        )
     }
 
     /// Makes `<netns_dir>/n<V>` a mounted network namespace (a new, empty one unless it
@@ -384,7 +394,11 @@ impl Links for Netlink {
 
 /// Runs `work` on a fresh thread (inside the namespace at `netns`, if given) with its own
 /// runtime and netlink connection, and waits for it.
-fn on_thread<T, F, Fut>(netns: Option<(u32, &Path)>, work: F) -> Result<T, LinkError>
+fn on_thread<T, F, Fut>(
+    netns: Option<(u32, &Path)>,
+    announcements: Arc<Announcements>,
+    work: F,
+) -> Result<T, LinkError>
 where
     T: Send,
     F: FnOnce(Conn) -> Fut + Send,
@@ -425,7 +439,11 @@ where
                     let (connection, handle, _) =
                         rtnetlink::new_connection().map_err(|e| conn_err(&place, e))?;
                     let driver = tokio::spawn(connection);
-                    let result = work(Conn { handle }).await;
+                    let result = work(Conn {
+                        handle,
+                        announcements,
+                    })
+                    .await;
                     driver.abort();
                     result
                 })
@@ -616,6 +634,8 @@ fn destination_of(r: &RouteMessage) -> Option<Ipv4Addr> {
 /// A netlink connection (in the namespace of the thread that opened it).
 struct Conn {
     handle: Handle,
+    /// The node's gratuitous ARP announcements (of floating IPs).
+    announcements: Arc<Announcements>,
 }
 
 impl Conn {
@@ -1124,6 +1144,7 @@ impl Conn {
         for &(ip, dev, protocol) in &proxies {
             let keep = routed.contains(&ip) && (!wanted.contains(&ip) || Some(dev) == public);
             if protocol == KEEL_RTPROT && !keep {
+                self.announcements.stop(ip);
                 self.proxy_request(dev, ip, false).await?;
             }
         }
@@ -1169,6 +1190,16 @@ impl Conn {
                 .any(|&(a, dev, p)| a == ip && dev == w.public && p == KEEL_RTPROT);
             if !marked {
                 self.proxy_request(w.public, ip, true).await?;
+                // The address may have answered at another host a moment ago: the
+                // segment's ARP caches must follow it now, not when they expire.
+                match self.announcements.start(w.public, ip) {
+                    Ok(()) => tracing::info!(%ip, dev = w.public, "network: floating IP announced"),
+                    Err(e) => tracing::warn!(
+                        %ip,
+                        error = %keel_cluster::error_chain(&e),
+                        "network: floating IP not announced; neighbours learn it when their ARP entry expires"
+                    ),
+                }
             }
         }
         Ok(())

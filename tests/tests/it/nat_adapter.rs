@@ -28,6 +28,8 @@
 //!   a VM on the other host and one beside it (hairpin) reach it too;
 //! * port forwarding: 8080 → 80 reaches the VM, port 80 of the floating IP does not; the
 //!   VM is seen as its host again;
+//! * the floating IP moves to a VM on host 1 and back: the outside's ARP entry follows
+//!   each move at once (gratuitous ARP), with no flush and no traffic from the outside;
 //! * the floating IP dropped: ARP for it goes unanswered, its route and proxy entry are
 //!   gone, SNAT still works;
 //! * network 4301 with the same CIDR and a VM with the same address on host 0: both reach
@@ -196,6 +198,41 @@ impl Lab {
         let n = &self.nat[h];
         self.on(h, || n.apply_host(on.then_some(&nat)))
             .with_context(|| format!("host NAT on host {h}"))
+    }
+
+    /// The MAC of `dev` in host `h`.
+    fn mac(&self, h: usize, dev: &str) -> Result<String> {
+        let out = self.host(h, "ip", &["-j", "link", "show", "dev", dev])?;
+        let v: Value = serde_json::from_str(&out)?;
+        v[0]["address"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no address for {dev} in host {h}: {out}"))
+    }
+
+    /// The MAC the outside's ARP cache holds for `ip`, if any.
+    fn outside_lladdr(&self, ip: Ipv4Addr) -> Result<Option<String>> {
+        let out = self.host(OUTSIDE, "ip", &["-j", "neigh", "show", &ip.to_string()])?;
+        let v: Value = serde_json::from_str(&out)?;
+        Ok(v[0]["lladdr"].as_str().map(str::to_string))
+    }
+
+    /// Waits until the outside's ARP entry for `ip` names `mac`, with no traffic from it.
+    fn wait_lladdr(&self, ip: Ipv4Addr, mac: &str) -> Result<()> {
+        wait_until_blocking(
+            format!("the outside's ARP entry for {ip} names {mac}"),
+            secs(5),
+            millis(50),
+            || {
+                let now = self.outside_lladdr(ip)?;
+                if now.as_deref() == Some(mac) {
+                    Ok(Some(()))
+                } else {
+                    Err(anyhow!("entry: {now:?}"))
+                }
+            },
+        )?;
+        Ok(())
     }
 
     /// Runs `program args…` in host `h`.
@@ -607,6 +644,34 @@ fn uplinks_snat_floating_ips_and_port_forwards() -> Result<()> {
         "VM a2 seen by VM a (hairpin, forwarded port) as"
     );
     eprintln!("forwards: {fip}:8080 reaches VM a:80, {fip}:80/81 do not; VM a sends as {ip0}");
+
+    // (c') The floating IP moves to VM b on host 1 (a migration, an HA restart) and back.
+    // The outside's ARP entry for it names host 0; host 1 announces the address
+    // (gratuitous ARP), so the entry follows at once, with no flush and no traffic from
+    // the outside, where it would otherwise wait for the entry to expire.
+    let mac0 = lab.mac(0, "eth0")?;
+    let mac1 = lab.mac(1, "eth0")?;
+    ensure!(
+        lab.outside_lladdr(fip)?.as_deref() == Some(mac0.as_str()),
+        "the outside has no entry for {fip} at host 0 ({mac0}): {:?}",
+        lab.outside_lladdr(fip)?
+    );
+    lab.ensure(0, &lab.spec(NET, 0, &[1], Some(&[])))?;
+    lab.apply_router(0, &lab.router_nat(0, NET, vec![]))?;
+    lab.ensure(1, &lab.spec(NET, 1, &[0], Some(&[fip])))?;
+    lab.apply_router(1, &lab.router_nat(1, NET, vec![one_to_one(fip, vm_b.ip)]))?;
+    lab.wait_lladdr(fip, &mac1)?;
+    let vm_b_80 = Lab::listen(&vm_b.path(), 80)?;
+    let seen = Lab::reach(&outside_path, sock(fip, 80), &vm_b_80, None)?;
+    assert_eq!(seen, lab.outside(), "the outside seen by VM b as");
+    lab.ensure(1, &lab.spec(NET, 1, &[0], Some(&[])))?;
+    lab.apply_router(1, &lab.router_nat(1, NET, vec![]))?;
+    lab.ensure(0, &lab.spec(NET, 0, &[1], Some(&[fip])))?;
+    lab.apply_router(0, &forwards)?;
+    lab.wait_lladdr(fip, &mac0)?;
+    let seen = Lab::reach(&outside_path, sock(fip, 8080), &vm_a_80, None)?;
+    assert_eq!(seen, lab.outside());
+    eprintln!("{fip} moved to host 1 and back: the outside's ARP entry followed each move at once");
 
     // (d) The floating IP dropped: no answer for it any more, SNAT goes on.
     lab.ensure(0, &lab.spec(NET, 0, &[1], Some(&[])))?;
