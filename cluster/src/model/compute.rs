@@ -56,6 +56,11 @@ pub mod settings {
     pub const MEMORY_RESERVED_MIB_DEFAULT: u64 = 1024;
     /// `spread` (least loaded host first) or `pack` (most loaded host that fits first).
     pub const PLACEMENT_STRATEGY: &str = "compute.placement-strategy";
+    /// How long a finished operation stays readable (CloudStack's `job.expire.minutes`).
+    pub const OPERATION_RETENTION_MINUTES: &str = "compute.operation-retention-minutes";
+    pub const OPERATION_RETENTION_MINUTES_DEFAULT: u64 = 24 * 60;
+    /// Longest retention accepted: a year.
+    pub const OPERATION_RETENTION_MINUTES_MAX: u64 = 366 * 24 * 60;
 }
 
 /// Checks the value of a `compute.*` setting; other keys pass.
@@ -75,6 +80,13 @@ pub fn validate_setting_value(key: &str, value: &str) -> Result<(), CommandError
             .parse::<u64>()
             .map(|_| ())
             .map_err(|_| invalid(format!("{value:?} must be a whole number of MiB"))),
+        settings::OPERATION_RETENTION_MINUTES => match value.parse::<u64>() {
+            Ok(v) if (1..=settings::OPERATION_RETENTION_MINUTES_MAX).contains(&v) => Ok(()),
+            _ => Err(invalid(format!(
+                "{value:?} must be a whole number of minutes from 1 to {}",
+                settings::OPERATION_RETENTION_MINUTES_MAX
+            ))),
+        },
         settings::PLACEMENT_STRATEGY => match value {
             "spread" | "pack" => Ok(()),
             _ => Err(invalid(format!("{value:?} must be `spread` or `pack`"))),
@@ -449,6 +461,26 @@ pub fn find_template(conn: &Connection, id_or_name: &str) -> rusqlite::Result<Op
 
 fn setting(conn: &Connection, key: &str) -> Result<Option<String>, CommandError> {
     Ok(read::<Setting>(conn, key)?.map(|s| s.value))
+}
+
+/// The ids of the operations that finished before `finished_before_ms`.
+pub fn expired_operations(
+    conn: &Connection,
+    finished_before_ms: u64,
+) -> rusqlite::Result<Vec<String>> {
+    Ok(list::<Operation>(conn)?
+        .into_iter()
+        .filter(|o| o.state != OpState::Running && o.updated_at_ms < finished_before_ms)
+        .map(|o| o.id)
+        .collect())
+}
+
+/// How long finished operations are kept, in milliseconds (the setting, or its default).
+pub fn operation_retention_ms(conn: &Connection) -> rusqlite::Result<u64> {
+    let minutes = super::get::<Setting>(conn, settings::OPERATION_RETENTION_MINUTES)?
+        .and_then(|s| s.value.parse::<u64>().ok())
+        .unwrap_or(settings::OPERATION_RETENTION_MINUTES_DEFAULT);
+    Ok(minutes.saturating_mul(60_000))
 }
 
 /// The placement settings in force.
@@ -1238,6 +1270,12 @@ pub enum ComputeCommand {
         maintenance: bool,
         now_ms: u64,
     },
+    /// Deletes the operations that finished (succeeded, failed or were cancelled) before
+    /// `finished_before_ms`; running ones stay whatever their age. The leader's duty
+    /// computes the cutoff from the retention setting, so every replica deletes the same.
+    PruneOperations {
+        finished_before_ms: u64,
+    },
 }
 
 impl ComputeCommand {
@@ -1261,6 +1299,7 @@ impl ComputeCommand {
             ComputeCommand::SetHostMaintenance { .. } => "set_host_maintenance",
             ComputeCommand::AttachNic { .. } => "attach_nic",
             ComputeCommand::DetachNic { .. } => "detach_nic",
+            ComputeCommand::PruneOperations { .. } => "prune_operations",
         }
     }
 }
@@ -1837,6 +1876,17 @@ pub(super) fn apply(conn: &Connection, command: &ComputeCommand) -> Result<Outco
             delete::<Template>(conn, &t.id)?;
             Ok(Outcome::Done)
         }
+        ComputeCommand::PruneOperations { finished_before_ms } => {
+            let expired = expired_operations(conn, *finished_before_ms).map_err(store_err)?;
+            for id in &expired {
+                delete::<Operation>(conn, id)?;
+            }
+            Ok(if expired.is_empty() {
+                Outcome::Unchanged
+            } else {
+                Outcome::Done
+            })
+        }
     }
 }
 
@@ -2101,6 +2151,70 @@ mod tests {
         place_all(&conn);
         report(&conn, "b", RunState::Stopped, 1, None);
         assert_eq!(op(&conn, "op-stop-b").state, OpState::Succeeded);
+    }
+
+    #[test]
+    fn finished_operations_are_pruned_by_age_and_running_ones_stay() {
+        let conn = db_with_hosts(1);
+        create(&conn, "a", spec(1, 128)).expect("create");
+        place_all(&conn);
+        report(&conn, "a", RunState::Absent, 0, Some("define failed")); // failed at 30
+        create(&conn, "b", spec(1, 128)).expect("create");
+        run(
+            &conn,
+            ComputeCommand::SetVmPower {
+                vm: "b".into(),
+                power: PowerIntent::Stopped,
+                op_id: "op-stop-b".into(),
+                now_ms: 40,
+            },
+        )
+        .expect("stop"); // op-create-b cancelled at 40
+        place_all(&conn);
+        report(&conn, "b", RunState::Stopped, 1, None); // op-stop-b succeeded at 30
+        create(&conn, "c", spec(1, 128)).expect("create"); // running, created at 10
+        let ids = |conn: &Connection| -> Vec<String> {
+            let mut ids: Vec<String> = list::<Operation>(conn)
+                .expect("ops")
+                .into_iter()
+                .map(|o| o.id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            expired_operations(&conn, 35).expect("read"),
+            vec!["op-create-a".to_string(), "op-stop-b".to_string()]
+        );
+        let prune = |before| {
+            run(
+                &conn,
+                ComputeCommand::PruneOperations {
+                    finished_before_ms: before,
+                },
+            )
+            .expect("prune")
+        };
+        assert_eq!(prune(35), Outcome::Done);
+        assert_eq!(ids(&conn), vec!["op-create-b", "op-create-c"]);
+        assert_eq!(prune(35), Outcome::Unchanged);
+        assert_eq!(prune(u64::MAX), Outcome::Done);
+        assert_eq!(ids(&conn), vec!["op-create-c"]);
+        assert_eq!(op(&conn, "op-create-c").state, OpState::Running);
+        assert_eq!(vm(&conn, "c").active_ops, vec!["op-create-c".to_string()]);
+    }
+
+    #[test]
+    fn operation_retention_is_a_validated_setting() {
+        let key = settings::OPERATION_RETENTION_MINUTES;
+        assert!(validate_setting_value(key, "1").is_ok());
+        assert!(validate_setting_value(key, "1440").is_ok());
+        for bad in ["0", "-5", "1.5", "forever", "527041"] {
+            let err = validate_setting_value(key, bad).expect_err(bad).to_string();
+            assert!(err.contains("whole number of minutes"), "{bad}: {err}");
+        }
+        let conn = db_with_hosts(1);
+        assert_eq!(operation_retention_ms(&conn).expect("read"), 24 * 3_600_000);
     }
 
     #[test]

@@ -428,7 +428,7 @@ pub async fn get_operation(
         ApiError::new(
             StatusCode::NOT_FOUND,
             "operation_unknown",
-            format!("operation {id:?} does not exist (yet, on this node): `keel op list` shows the recent ones"),
+            format!("operation {id:?} does not exist (yet, on this node), or it finished longer ago than the setting compute.operation-retention-minutes keeps operations: `keel op list` shows the recent ones"),
         )
     })?;
     Ok(Json(views::operation_view(op)))

@@ -18,6 +18,7 @@
 //! so the new leader simply picks up where the old one stopped.
 
 mod health;
+mod operations;
 mod placement;
 mod voters;
 
@@ -92,4 +93,5 @@ fn spawn_duties(db: &ClusterDb, tuning: &DutyTuning, token: &CancellationToken) 
     tokio::spawn(health::run(db.clone(), tuning.clone(), tick, token.clone()));
     tokio::spawn(voters::run(db.clone(), tuning.clone(), tick, token.clone()));
     tokio::spawn(placement::run(db.clone(), tick, token.clone()));
+    tokio::spawn(operations::run(db.clone(), token.clone()));
 }
