@@ -2002,6 +2002,20 @@ mod tests {
         )
     }
 
+    /// Asks for VM `name` to be stopped, as operation `op_id`.
+    fn stop(conn: &Connection, name: &str, op_id: &str, now_ms: u64) {
+        run(
+            conn,
+            ComputeCommand::SetVmPower {
+                vm: name.into(),
+                power: PowerIntent::Stopped,
+                op_id: op_id.into(),
+                now_ms,
+            },
+        )
+        .expect("stop");
+    }
+
     fn vm(conn: &Connection, name: &str) -> Vm {
         find_vm(conn, name).expect("read").expect("vm exists")
     }
@@ -2137,16 +2151,7 @@ mod tests {
         assert!(o.detail.as_deref().unwrap_or("").contains("boom"));
 
         create(&conn, "b", spec(1, 128)).expect("create");
-        run(
-            &conn,
-            ComputeCommand::SetVmPower {
-                vm: "b".into(),
-                power: PowerIntent::Stopped,
-                op_id: "op-stop-b".into(),
-                now_ms: 40,
-            },
-        )
-        .expect("stop");
+        stop(&conn, "b", "op-stop-b", 40);
         assert_eq!(op(&conn, "op-create-b").state, OpState::Cancelled);
         place_all(&conn);
         report(&conn, "b", RunState::Stopped, 1, None);
@@ -2160,16 +2165,7 @@ mod tests {
         place_all(&conn);
         report(&conn, "a", RunState::Absent, 0, Some("define failed")); // failed at 30
         create(&conn, "b", spec(1, 128)).expect("create");
-        run(
-            &conn,
-            ComputeCommand::SetVmPower {
-                vm: "b".into(),
-                power: PowerIntent::Stopped,
-                op_id: "op-stop-b".into(),
-                now_ms: 40,
-            },
-        )
-        .expect("stop"); // op-create-b cancelled at 40
+        stop(&conn, "b", "op-stop-b", 40); // op-create-b cancelled at 40
         place_all(&conn);
         report(&conn, "b", RunState::Stopped, 1, None); // op-stop-b succeeded at 30
         create(&conn, "c", spec(1, 128)).expect("create"); // running, created at 10
@@ -2368,16 +2364,7 @@ mod tests {
             .expect_err("running")
             .to_string();
         assert!(err.contains("stop it first"), "{err}");
-        run(
-            &conn,
-            ComputeCommand::SetVmPower {
-                vm: "r".into(),
-                power: PowerIntent::Stopped,
-                op_id: "op-stop".into(),
-                now_ms: 71,
-            },
-        )
-        .expect("stop");
+        stop(&conn, "r", "op-stop", 71);
         report(&conn, "r", RunState::Stopped, 1, None);
         run(&conn, resize("op-r2")).expect("resize");
         let v = vm(&conn, "r");
@@ -2439,16 +2426,7 @@ mod tests {
         assert_eq!(op(&conn, "op-detach").state, OpState::Succeeded);
 
         // A VM meant to be stopped gets a stopped goal, even while it is still shutting down.
-        run(
-            &conn,
-            ComputeCommand::SetVmPower {
-                vm: "n".into(),
-                power: PowerIntent::Stopped,
-                op_id: "op-stop".into(),
-                now_ms: 92,
-            },
-        )
-        .expect("stop");
+        stop(&conn, "n", "op-stop", 92);
         run(
             &conn,
             ComputeCommand::AttachNic {
