@@ -55,9 +55,6 @@ pub struct ComputeConfig {
     pub libvirt_uri: String,
     /// Where templates, VM disks, seeds and console logs live. Default: `<data_dir>/images`.
     pub images_dir: Option<PathBuf>,
-    /// Address qemu on this host listens on for incoming live migrations (the cluster
-    /// network). Default: the peer address's IP.
-    pub migration_addr: Option<std::net::IpAddr>,
     /// How often every VM is reconciled even when nothing changed.
     pub resync_interval_ms: u64,
     /// The small Linux guest the KVM probe boots (the tiny template's kernel/initramfs).
@@ -70,7 +67,6 @@ impl Default for ComputeConfig {
         Self {
             libvirt_uri: "qemu:///system".into(),
             images_dir: None,
-            migration_addr: None,
             resync_interval_ms: 5000,
             kvm_probe_kernel: PathBuf::from("/usr/share/keel/probe/vmlinuz"),
             kvm_probe_initrd: PathBuf::from("/usr/share/keel/probe/initrd.img"),

@@ -297,10 +297,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
             resync: Duration::from_millis(config.compute.resync_interval_ms),
             report: hypervisor_report.clone(),
             domain_type: DomainType::Qemu,
-            migration_ip: config
-                .compute
-                .migration_addr
-                .unwrap_or_else(|| config.peer_addr.ip()),
+            incoming_streams: Default::default(),
             run_dir: config.data_dir.join("run"),
             libvirt_socket: libvirt_socket_of(&config.compute.libvirt_uri),
             probe_guest: ProbeGuest {

@@ -28,10 +28,10 @@
 //! * libvirtd's unix socket (`libvirt-sock` in `unix_sock_dir`, `/run/libvirt` by default
 //!   in libvirt 9.0) is its only listener: `listen_tcp`/`listen_tls` stay off. Migration
 //!   between two such hosts is driven by the client, which holds a connection to each
-//!   daemon's socket; qemu itself streams the guest to the `migrate_uri` it is given
-//!   (`tcp://10.213.S.<j+1>:PORT`), where the destination qemu listens on a port from
-//!   qemu.conf's `migration_port_min..max` (49152-49215 by default) on every address of
-//!   its namespace (`migration_address` unset). Neither needs a setting here.
+//!   daemon's socket; qemu itself streams the guest to the `migrate_uri` it is given.
+//!   The node gives explicit loopback ports (`tcp://127.0.0.1:PORT`, `listen_address`
+//!   127.0.0.1, `disks_port`) and relays them between the hosts itself; libvirt uses
+//!   explicit ports as given, so qemu.conf's migration settings stay at their defaults.
 //! * qemu runs as root (`qemu.conf`): tests keep disks and logs in root-only temp dirs.
 //!   Debian's libvirt nevertheless resolves its compiled-in qemu user `libvirt-qemu` at
 //!   start-up, before reading qemu.conf, and fails without it; Debian creates that user
@@ -510,7 +510,7 @@ fn write_config(root: &Path, host_uuid: &str, ns: &str) -> Result<()> {
              # Each host needs its own UUID (libvirt refuses to migrate to \"itself\").\n\
              host_uuid = \"{host_uuid}\"\n\
              # Unix socket only (unix_sock_dir is the private /run/libvirt); migration is\n\
-             # driven by the client over each daemon's socket, qemu streams directly.\n\
+             # driven by the client over each daemon's socket.\n\
              listen_tls = 0\n\
              listen_tcp = 0\n\
              unix_sock_dir = \"/run/libvirt\"\n"
@@ -520,7 +520,7 @@ fn write_config(root: &Path, host_uuid: &str, ns: &str) -> Result<()> {
         etc.join("qemu.conf"),
         "# keel-tests: guests run as root (their files live in root-only temp dirs), with\n\
          # no security driver (no AppArmor/SELinux profiles on this machine kind).\n\
-         # Migration ports: the defaults (49152-49215, all addresses).\n\
+         # Migration: explicit loopback ports from the caller (the defaults otherwise).\n\
          user = \"root\"\n\
          group = \"root\"\n\
          security_driver = \"none\"\n",

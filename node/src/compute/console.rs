@@ -40,6 +40,12 @@ pub enum DuplexRequest {
     },
     /// A control connection to this host's libvirtd (live migration from another host).
     Libvirt {},
+    /// One of the streams of a live migration to this host that it prepared: a
+    /// connection to `port` on its loopback, where qemu listens.
+    MigrationStream {
+        vm_id: String,
+        port: u16,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1025,7 +1025,9 @@ mod tests {
         a.start(u).unwrap();
         let req = MigrationRequest {
             dest_uri: "fake://b".into(),
-            migrate_uri: "tcp://10.0.0.2:49152".into(),
+            migrate_uri: "tcp://127.0.0.1:49152".into(),
+            listen_address: Some("127.0.0.1".into()),
+            disks_port: Some(49153),
             dest_xml: xml(u, "m", 1),
             copy_storage: false,
             disks: vec![],

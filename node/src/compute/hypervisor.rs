@@ -49,8 +49,15 @@ pub struct HostCapabilities {
 pub struct MigrationRequest {
     /// libvirt URI of the destination host's libvirtd, as reachable from this host.
     pub dest_uri: String,
-    /// Where qemu on the destination listens for the migration stream (`tcp://ADDR:PORT`).
+    /// Where qemu on this host sends the migration stream (`tcp://ADDR:PORT`); the
+    /// destination listens on the same port.
     pub migrate_uri: String,
+    /// The address qemu on the destination listens on for the migration stream and the
+    /// disks (NBD), when it is not `migrate_uri`'s (Keel: loopback, the node relays).
+    pub listen_address: Option<String>,
+    /// The port of the destination's NBD server for the disks (default: libvirt picks one
+    /// and the source connects to `migrate_uri`'s address on it).
+    pub disks_port: Option<u16>,
     /// The domain XML to define on the destination (its own disk and log paths).
     pub dest_xml: String,
     /// Copy disks that are not shared (`VIR_MIGRATE_NON_SHARED_INC`: only the

@@ -643,6 +643,9 @@ impl Hypervisor for Libvirt {
         let fail = |f| classify("migrate", Some(uuid), f);
         no_nul("destination URI", &request.dest_uri).map_err(fail)?;
         no_nul("migration URI", &request.migrate_uri).map_err(fail)?;
+        if let Some(a) = &request.listen_address {
+            no_nul("listen address", a).map_err(fail)?;
+        }
         no_nul("destination XML", &request.dest_xml).map_err(fail)?;
         for d in &request.disks {
             no_nul("disk name", d).map_err(fail)?;
@@ -661,6 +664,8 @@ impl Hypervisor for Libvirt {
         let params = MigrateParameters {
             dest_xml: Some(request.dest_xml.clone()),
             uri: (!request.migrate_uri.is_empty()).then(|| request.migrate_uri.clone()),
+            listen_address: request.listen_address.clone(),
+            disks_port: request.disks_port.map(i32::from),
             migrate_disks: if request.copy_storage {
                 request.disks.clone()
             } else {

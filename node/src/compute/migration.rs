@@ -10,8 +10,11 @@
 //!         ├─ libvirt control connection to the target's libvirtd, tunnelled through
 //!         │  the peer port (mTLS) by a per-migration Unix socket on the source
 //!         ├─ virDomainMigrate3(LIVE | PERSIST_DEST | UNDEFINE_SOURCE | NON_SHARED_INC):
-//!         │  memory and the overlay stream qemu → qemu over the cluster network while the
-//!         │  guest keeps running
+//!         │  memory and the overlay stream qemu → qemu while the guest keeps running,
+//!         │  tunnelled through the peer port (mTLS) too:
+//!         │    source qemu → 127.0.0.1:P (source node) ═ mTLS ═ target node → 127.0.0.1:P
+//!         │    (target qemu, listening on loopback only); the same for the NBD port of
+//!         │    the disks. Guest memory never crosses the network in the clear.
 //!         └─ remove the local disks → FinishMigration { error: None } → placement = target
 //!  cold (stopped VM):
 //!    source actor ──PrepareMigration──► target pulls the VM's disk files (FetchBlob)
@@ -50,9 +53,28 @@ pub enum HostOp {
         vm_id: String,
         source: u64,
         live: bool,
+        /// Live: the loopback ports the source relays (migration stream, disks); the
+        /// target's qemu listens on the same ports of its own loopback.
+        #[serde(default)]
+        stream_ports: Option<StreamPorts>,
     },
     /// What this host has of `vm_id`.
     VmPresence { vm_id: String },
+}
+
+/// The loopback ports of a live migration's two streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPorts {
+    /// qemu's migration stream (memory, device state).
+    pub migration: u16,
+    /// The destination's NBD server (the disks being copied).
+    pub disks: u16,
+}
+
+impl StreamPorts {
+    fn contains(&self, port: u16) -> bool {
+        port == self.migration || port == self.disks
+    }
 }
 
 /// The target's answer to `PrepareMigration`.
@@ -60,8 +82,17 @@ pub enum HostOp {
 pub struct PreparedMigration {
     pub dest_xml: String,
     pub migrate_uri: String,
+    /// Where the target's qemu listens (live): loopback.
+    #[serde(default)]
+    pub listen_address: Option<String>,
+    #[serde(default)]
+    pub disks_port: Option<u16>,
     pub disks: Vec<String>,
 }
+
+/// Where a live migration's streams meet qemu on either host: loopback only, so the
+/// only way between the hosts is the nodes' mTLS relay.
+const STREAM_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
 
 /// The target's answer to `VmPresence`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,7 +114,8 @@ pub async fn handle_host_op(host: &Arc<ComputeHost>, json: &[u8]) -> Result<Vec<
             vm_id,
             source,
             live,
-        } => serde_json::to_vec(&prepare(host, &vm_id, source, live).await?),
+            stream_ports,
+        } => serde_json::to_vec(&prepare(host, &vm_id, source, live, stream_ports).await?),
         HostOp::VmPresence { vm_id } => {
             let uuid = Uuid::parse_str(&vm_id).map_err(|e| e.to_string())?;
             let hv = host.hv.clone();
@@ -110,7 +142,13 @@ async fn prepare(
     vm_id: &str,
     source: u64,
     live: bool,
+    stream_ports: Option<StreamPorts>,
 ) -> Result<PreparedMigration, String> {
+    let ports = match (live, stream_ports) {
+        (true, Some(p)) => Some(p),
+        (true, None) => return Err("a live migration needs the source's stream ports".into()),
+        (false, _) => None,
+    };
     let me = host.db.node_id().ok_or("this node is not a member")?;
     let vm = host
         .db
@@ -192,9 +230,31 @@ async fn prepare(
         disks.push("vda".to_string());
     }
     disks.extend((0..vm.spec.data_disks.len()).map(|i| format!("vd{}", (b'c' + i as u8) as char)));
+    if let Some(p) = ports {
+        let moving_here = |id: &str| {
+            host.db
+                .reader()
+                .read(|c| model::get::<Vm>(c, id))
+                .ok()
+                .flatten()
+                .and_then(|v| v.migration)
+                .is_some_and(|m| m.target == me)
+        };
+        let mut streams = host
+            .incoming_streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Forget the ports of migrations that ended since.
+        streams.retain(|id, _| moving_here(id));
+        streams.insert(vm.id.clone(), p);
+    }
     Ok(PreparedMigration {
         dest_xml,
-        migrate_uri: format!("tcp://{}", host.migration_ip),
+        migrate_uri: ports
+            .map(|p| format!("tcp://{STREAM_ADDRESS}:{}", p.migration))
+            .unwrap_or_default(),
+        listen_address: ports.map(|_| STREAM_ADDRESS.to_string()),
+        disks_port: ports.map(|p| p.disks),
         disks,
     })
 }
@@ -304,6 +364,13 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
         }
         return Err("the VM is on neither host any more".into());
     }
+    // Live: the relays of the two streams listen before the target is asked, so their
+    // ports are known to be free here; the target listens on the same ports.
+    let streams = if m.live {
+        Some(StreamRelays::open(&host.db, m.target, &vm.id).await?)
+    } else {
+        None
+    };
     let prepared: PreparedMigration = host_call(
         &host.db,
         m.target,
@@ -311,6 +378,7 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
             vm_id: vm.id.clone(),
             source: host.db.node_id().unwrap_or_default(),
             live: m.live,
+            stream_ports: streams.as_ref().map(|s| s.ports),
         },
         PREPARE_TIMEOUT,
     )
@@ -320,6 +388,8 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
         let request = MigrationRequest {
             dest_uri: format!("qemu+unix:///system?socket={}", tunnel.path.display()),
             migrate_uri: prepared.migrate_uri,
+            listen_address: prepared.listen_address,
+            disks_port: prepared.disks_port,
             dest_xml: prepared.dest_xml,
             copy_storage: true,
             disks: prepared.disks,
@@ -330,6 +400,7 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
             .await
             .map_err(|e| e.to_string())?;
         drop(tunnel);
+        drop(streams);
         result.map_err(|e| error_chain(&e))?;
         tracing::info!(vm = %vm.name, ms = started.elapsed().as_millis() as u64, "compute: live migration done");
     } else {
@@ -372,7 +443,8 @@ impl LibvirtTunnel {
             while let Ok((conn, _)) = listener.accept().await {
                 let db = db.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = relay(db, target, conn).await {
+                    let request = super::console::DuplexRequest::Libvirt {};
+                    if let Err(e) = relay(db, target, &request, conn).await {
                         tracing::debug!(error = %e, "compute: libvirt tunnel closed");
                     }
                 });
@@ -389,15 +461,80 @@ impl Drop for LibvirtTunnel {
     }
 }
 
-async fn relay(db: ClusterDb, target: u64, conn: tokio::net::UnixStream) -> Result<(), String> {
-    let header = serde_json::to_vec(&super::console::DuplexRequest::Libvirt {})
-        .map_err(|e| e.to_string())?;
+/// The two loopback listeners on the source whose connections (qemu's migration stream,
+/// its NBD client) are relayed to the same ports of the target's loopback over the peer
+/// port. They listen while the value lives.
+struct StreamRelays {
+    ports: StreamPorts,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl StreamRelays {
+    async fn open(db: &ClusterDb, target: u64, vm_id: &str) -> Result<Self, String> {
+        let mut ports = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let listener = tokio::net::TcpListener::bind((STREAM_ADDRESS, 0))
+                .await
+                .map_err(|e| format!("listen on {STREAM_ADDRESS} for a migration stream: {e}"))?;
+            let port = listener
+                .local_addr()
+                .map_err(|e| format!("migration stream listener: {e}"))?
+                .port();
+            ports.push(port);
+            let (db, vm_id) = (db.clone(), vm_id.to_string());
+            tasks.push(tokio::spawn(async move {
+                while let Ok((conn, _)) = listener.accept().await {
+                    let _ = conn.set_nodelay(true);
+                    let request = super::console::DuplexRequest::MigrationStream {
+                        vm_id: vm_id.clone(),
+                        port,
+                    };
+                    let db = db.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = relay(db, target, &request, conn).await {
+                            tracing::warn!(port, error = %e, "compute: migration stream relay failed");
+                        }
+                    });
+                }
+            }));
+        }
+        Ok(Self {
+            ports: StreamPorts {
+                migration: ports[0],
+                disks: ports[1],
+            },
+            tasks,
+        })
+    }
+}
+
+impl Drop for StreamRelays {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Relays one local connection to `target` over the peer port (a `Duplex` RPC opened with
+/// `request`), until either side closes.
+async fn relay<S>(
+    db: ClusterDb,
+    target: u64,
+    request: &super::console::DuplexRequest,
+    conn: S,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let header = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let mut remote = db
         .duplex(target, header, rx)
         .await
         .map_err(|e| error_chain(&e))?;
-    let (mut rd, mut wr) = conn.into_split();
+    let (mut rd, mut wr) = tokio::io::split(conn);
     let up = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -428,6 +565,56 @@ pub async fn open_libvirt_socket(
     let conn = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect to libvirtd at {}: {e}", socket.display()))?;
+    let (rd, wr) = conn.into_split();
+    let (tx, rx) = mpsc::channel(16);
+    super::console::relay(rd, wr, inbound, tx, |e| {
+        tonic::Status::unavailable(e.to_string())
+    });
+    Ok(rx)
+}
+
+/// Target side of a migration stream: a connection to `port` on this host's loopback,
+/// where qemu listens for an incoming migration this host prepared for `vm_id`. Any other
+/// port is refused: the peer port is no way into arbitrary local services.
+pub async fn open_migration_stream(
+    host: &ComputeHost,
+    vm_id: &str,
+    port: u16,
+    inbound: keel_cluster::transport::DuplexInbound,
+) -> Result<keel_cluster::transport::DuplexOutbound, String> {
+    let prepared = host
+        .incoming_streams
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(vm_id)
+        .copied();
+    if !prepared.is_some_and(|p| p.contains(port)) {
+        return Err(format!(
+            "no live migration of VM {vm_id} was prepared here with stream port {port}"
+        ));
+    }
+    let me = host.db.node_id();
+    let moving_here = host
+        .db
+        .reader()
+        .read(|c| model::get::<Vm>(c, vm_id))
+        .map_err(|e| error_chain(&e))?
+        .and_then(|vm| vm.migration)
+        .is_some_and(|m| Some(m.target) == me);
+    if !moving_here {
+        return Err(format!("VM {vm_id} is not moving to this host"));
+    }
+    let conn = tokio::net::TcpStream::connect((STREAM_ADDRESS, port))
+        .await
+        .map_err(|e| {
+            format!("connect to the incoming migration on {STREAM_ADDRESS}:{port}: {e}")
+        })?;
+    let _ = conn.set_nodelay(true);
+    tracing::info!(
+        vm_id,
+        port,
+        "compute: incoming migration stream relayed to qemu"
+    );
     let (rd, wr) = conn.into_split();
     let (tx, rx) = mpsc::channel(16);
     super::console::relay(rd, wr, inbound, tx, |e| {

@@ -117,8 +117,9 @@ pub struct ComputeHost {
     pub report: Arc<Mutex<Option<HypervisorReport>>>,
     /// The domain type VMs get here.
     pub domain_type: DomainType,
-    /// Where this host receives live migrations (the cluster network).
-    pub migration_ip: std::net::IpAddr,
+    /// The stream ports of the live migrations this host prepared to receive, by VM id:
+    /// the only loopback ports a peer may open a migration stream to.
+    pub incoming_streams: Mutex<std::collections::HashMap<String, super::migration::StreamPorts>>,
     /// Runtime sockets (migration tunnels).
     pub run_dir: std::path::PathBuf,
     /// This host's libvirtd socket, for tunnelled control connections from other hosts.

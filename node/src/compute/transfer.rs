@@ -81,6 +81,15 @@ impl HostServices for NodeHostServices {
                     .await
                     .map_err(Status::unavailable)
             }
+            super::console::DuplexRequest::MigrationStream { vm_id, port } => {
+                let compute = self
+                    .compute
+                    .as_ref()
+                    .ok_or_else(|| Status::failed_precondition("this node runs no VMs"))?;
+                super::migration::open_migration_stream(compute, &vm_id, port, inbound)
+                    .await
+                    .map_err(Status::failed_precondition)
+            }
             super::console::DuplexRequest::Console { vm_id, kind } => {
                 let pipe = self
                     .consoles

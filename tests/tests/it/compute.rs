@@ -676,6 +676,26 @@ async fn live_migration_keeps_the_guest_and_drain_empties_a_host() -> Result<()>
         "exactly one domain after the move: {copies:?}"
     );
     assert_eq!((copies[0].0, copies[0].2.as_str()), (target, "running"));
+    // Both streams (memory, and the disk over NBD) reached the target's qemu, which
+    // listened on loopback only, through the target node's mTLS relay.
+    let id = vm_show(&c, 0, "mover").await?["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no id"))?
+        .to_string();
+    let target_log = c
+        .dir()
+        .join(c.name(target))
+        .join(format!("{}.stderr.log", c.name(target)));
+    let relayed = std::fs::read_to_string(&target_log)?
+        .lines()
+        .filter(|l| l.contains("incoming migration stream relayed") && l.contains(&id))
+        .count();
+    assert_eq!(
+        relayed,
+        2,
+        "migration streams relayed by {}",
+        c.name(target)
+    );
     if !console.running().await {
         console = Console::attach(&c, 0, "mover").await?;
     }

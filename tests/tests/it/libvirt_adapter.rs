@@ -9,7 +9,8 @@
 //!   while a read blocks, a second console taking over the first.
 //! * `reconnect` — libvirtd killed (calls fail with a connect error) and restarted (the
 //!   next call reconnects; the guest kept running).
-//! * `migration` — a live migration between two hosts' daemons.
+//! * `migration` — a live migration between two hosts' daemons, both qemus on loopback
+//!   only (`listen_address`) and the stream relayed between the hosts, as the node does.
 //! * `nic_hotplug` — a NIC attached to and detached from running guests (live and
 //!   persistent definition, the tap on the bridge, Keel's metadata updated in both): on the
 //!   echo guest, which never answers the unplug request (the detach stays pending and can
@@ -515,16 +516,29 @@ fn migration() -> Result<()> {
     hv_src.start(uuid)?;
     wait_marker(&src_log)?;
 
+    // As the node runs it: both qemus on loopback only, the stream carried between the
+    // hosts by a relay (the node's is mTLS over the peer port; this one is plain).
+    let relay = LoopbackRelay::start(&net, 0, 1)?;
     let request = MigrationRequest {
         dest_uri: dst.uri(),
-        migrate_uri: format!("tcp://{}:49152", net.ip(1)),
+        migrate_uri: format!("tcp://127.0.0.1:{}", relay.port),
+        listen_address: Some("127.0.0.1".into()),
+        disks_port: None,
         dest_xml: render(&spec(uuid, &vm, &kernel, &dst_log, 1))?,
         copy_storage: false,
         disks: vec![],
     };
     let t = Instant::now();
     hv_src.migrate(uuid, &request)?;
-    eprintln!("live migration took {:.2?}", t.elapsed());
+    let relayed = relay.finish()?;
+    eprintln!(
+        "live migration took {:.2?}; {relayed} bytes through the loopback relay",
+        t.elapsed()
+    );
+    ensure!(
+        relayed > 0,
+        "the migration stream did not go through the relay"
+    );
     ensure!(
         hv_src.lookup(uuid)?.is_none(),
         "still defined on the source"
@@ -546,6 +560,64 @@ fn migration() -> Result<()> {
     hv_dst.destroy(uuid)?;
     hv_dst.undefine(uuid)?;
     Ok(())
+}
+
+/// Relays connections to 127.0.0.1:`port` in host `from` to the same port in host `to`,
+/// counting the bytes sent towards `to`: two loopbacks joined, as the node joins them for
+/// a live migration.
+struct LoopbackRelay {
+    port: u16,
+    thread: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl LoopbackRelay {
+    /// How long the relay waits for its connections.
+    const WAIT: Duration = Duration::from_secs(120);
+
+    fn start(net: &TestNet, from: usize, to: usize) -> Result<Self> {
+        use std::net::{TcpListener, TcpStream};
+        let listener = net.in_host(from, || TcpListener::bind("127.0.0.1:0"))??;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let to_ns = std::fs::File::open(PathBuf::from("/run/netns").join(net.ns(to)))?;
+        // Connects from host `to`: this (relay) thread moves there once it has accepted.
+        let connect = move || -> Result<TcpStream> {
+            nix::sched::setns(&to_ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(TcpStream::connect(("127.0.0.1", port))?)
+        };
+        let thread = std::thread::spawn(move || -> Result<u64> {
+            // qemu opens one connection for the stream (no multifd): relay it to the end.
+            let inbound = wait_until_blocking(
+                "the source qemu connecting to the relay",
+                Self::WAIT,
+                millis(20),
+                || match listener.accept() {
+                    Ok((conn, _)) => Ok(Some(conn)),
+                    Err(e) => Err(e.into()),
+                },
+            )?;
+            inbound.set_nonblocking(false)?;
+            let outbound = connect()?;
+            let (mut in_rd, mut in_wr) = (inbound.try_clone()?, inbound);
+            let (mut out_rd, mut out_wr) = (outbound.try_clone()?, outbound);
+            let back = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut out_rd, &mut in_wr);
+                let _ = in_wr.shutdown(std::net::Shutdown::Write);
+            });
+            let sent = std::io::copy(&mut in_rd, &mut out_wr)?;
+            let _ = out_wr.shutdown(std::net::Shutdown::Write);
+            let _ = back.join();
+            Ok(sent)
+        });
+        Ok(Self { port, thread })
+    }
+
+    /// The bytes relayed towards the destination, once both sides closed.
+    fn finish(self) -> Result<u64> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the relay thread panicked"))?
+    }
 }
 
 /// The MACs of the interfaces in a domain XML.
