@@ -512,6 +512,65 @@ async fn latency(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Late
     })
 }
 
+/// Live migrations of one running guest, host to host in turn.
+struct Migrations {
+    rounds: usize,
+    /// `keel vm migrate … --to …`, waiting, as the CLI saw it.
+    keel_cli: Summary,
+    /// The operation's own duration (accepted → the guest runs on the target).
+    keel_server: Summary,
+}
+
+/// Phase 1b: `keel vm migrate` of a running `LATENCY_MEMORY_MIB` guest, `rounds` times
+/// around the hosts. Each move is live (memory and the root overlay stream qemu → qemu,
+/// both relayed by the nodes over mTLS).
+async fn migrations(c: &TestCluster, cli_host: usize, rounds: usize) -> Result<Migrations> {
+    const NAME: &str = "mig";
+    vm_create(c, cli_host, NAME, LATENCY_MEMORY_MIB, &[]).await?;
+    let (id, first) = vm_place(c, cli_host, NAME).await?;
+    wait_until("the migration guest's shell", secs(90), millis(200), || {
+        let ready = console_has(c, first, &id, READY);
+        async move {
+            if ready {
+                Ok(Some(()))
+            } else {
+                Err(anyhow!("{READY} not printed yet"))
+            }
+        }
+    })
+    .await?;
+    let mut keel_cli = Vec::new();
+    let mut keel_server = Vec::new();
+    for r in 0..rounds {
+        tokio::time::sleep(ROUND_PAUSE).await;
+        let (_, host) = vm_place(c, cli_host, NAME).await?;
+        let target = (host + 1) % c.len();
+        let t0 = Instant::now();
+        let op = c
+            .cli(cli_host, &["vm", "migrate", NAME, "--to", c.name(target)])
+            .await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if op["state"] != "succeeded" {
+            bail!("vm migrate {NAME}: the operation did not succeed: {op}");
+        }
+        let server = op["updated_at_ms"].as_u64().unwrap_or(0) as f64
+            - op["created_at_ms"].as_u64().unwrap_or(0) as f64;
+        eprintln!(
+            "keel-bench: live migration round {r}: {} → {}: {ms:.0} ms (operation {server:.0} ms)",
+            c.name(host),
+            c.name(target)
+        );
+        keel_cli.push(ms);
+        keel_server.push(server);
+    }
+    c.cli(cli_host, &["vm", "delete", NAME]).await?;
+    Ok(Migrations {
+        rounds,
+        keel_cli: summary(keel_cli),
+        keel_server: summary(keel_server),
+    })
+}
+
 /// The virsh side of the comparison: a Keel-created domain's definition, re-pointed at
 /// files of its own.
 struct Baseline {
@@ -908,6 +967,7 @@ async fn phases(
     delete_all(c, cli_host).await?;
 
     let lat = latency(c, cli_host, sizes.latency_rounds).await?;
+    let mig = migrations(c, cli_host, sizes.latency_rounds).await?;
     let (boot_mib, boot_tried) = boot_probe(c, cli_host).await?;
     let rate_mib = boot_mib.max(RATE_MIN_MEMORY_MIB);
     let rate = rate(c, cli_host, sizes.rate_vms, rate_mib).await?;
@@ -962,6 +1022,18 @@ async fn phases(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!(
+        "\n{:<48} {:>8} {:>8} {:>8}",
+        format!(
+            "live migration, {} MiB guest, {} rounds",
+            LATENCY_MEMORY_MIB, mig.rounds
+        ),
+        "p50 ms",
+        "min ms",
+        "max ms"
+    );
+    row("keel vm migrate --to (next host), waits", &mig.keel_cli);
+    row("  API accepted → running on the target", &mig.keel_server);
     println!(
         "\nVMs created per minute, {} VMs × {} MiB on 3 hosts: {:.1}/min  (all accepted after \
          {:.1} s, all running after {:.1} s; per host {})",
@@ -1067,6 +1139,13 @@ async fn phases(
             "ratio_keel_operation_virsh_p50": ratio_server,
             "keel_hosts": lat.keel_hosts.iter().map(|h| c.name(*h)).collect::<Vec<_>>(),
             "virsh_host": c.name(lat.virsh_host),
+        },
+        "live_migration_ms": {
+            "rounds": mig.rounds,
+            "memory_mib": LATENCY_MEMORY_MIB,
+            "keel_cli": summary_json(&mig.keel_cli),
+            "keel_operation_server": summary_json(&mig.keel_server),
+            "streams": "qemu on loopback, relayed by the nodes over mTLS",
         },
         "boot_probe": boot_tried
             .iter()
