@@ -271,6 +271,11 @@ struct Inner {
     member_tx: tokio::sync::watch::Sender<Option<NodeId>>,
     /// Serialises init and join attempts.
     membership_change: tokio::sync::Mutex<()>,
+    /// Serialises the leader's voter decisions: the voter duty's read-decide-change and
+    /// `node remove`'s whole sequence. Interleaved, the duty once re-promoted a node that
+    /// `node remove` had just demoted (its host record was still there), and the removal's
+    /// next step then failed with "Learner N not found".
+    voter_changes: tokio::sync::Mutex<()>,
     heartbeats: HeartbeatBook,
     host_services: RwLock<Option<Arc<dyn HostServices>>>,
     shutdown: CancellationToken,
@@ -316,6 +321,7 @@ impl ClusterDb {
                 member: RwLock::new(None),
                 member_tx,
                 membership_change: tokio::sync::Mutex::new(()),
+                voter_changes: tokio::sync::Mutex::new(()),
                 heartbeats: HeartbeatBook::default(),
                 host_services: RwLock::new(None),
                 shutdown: CancellationToken::new(),
@@ -868,6 +874,9 @@ impl ClusterDb {
             }
             LeaderOp::Join { request } => self.join_as_leader(member, request).await,
             LeaderOp::RemoveNode { node_id } => {
+                // Held until the host record is gone too, so that the voter duty never
+                // decides from a state in the middle of the removal.
+                let _voter_changes = self.voter_changes().await;
                 let metrics = member.raft.metrics().borrow().clone();
                 let membership = metrics.membership_config.membership();
                 if membership.voter_ids().all(|v| v == node_id) {
@@ -1037,6 +1046,13 @@ impl ClusterDb {
             }
             None => Ok(()),
         }
+    }
+
+    /// Holds off other voter decisions on this node (the leader) while the guard lives:
+    /// the voter duty takes it around reading the state, deciding and [`Self::set_voters`];
+    /// `node remove` around its whole sequence.
+    pub async fn voter_changes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.voter_changes.lock().await
     }
 
     /// Replaces the voter set (leader only; used by the voter duty). A voter left out stays

@@ -100,6 +100,9 @@ pub async fn run(db: ClusterDb, tuning: DutyTuning, tick: Duration, stop: Cancel
             _ = stop.cancelled() => return,
             _ = interval.tick() => {}
         }
+        // Read, decide and change under the lock `node remove` holds for its whole
+        // sequence: never a decision from a half-removed member.
+        let _voter_changes = db.voter_changes().await;
         let Some(input) = gather(&db, &tuning) else {
             continue;
         };
