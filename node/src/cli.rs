@@ -504,13 +504,10 @@ fn print<T: Serialize>(
     value: &T,
     text: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
-    let mut out = match output {
-        Output::Json => serde_json::to_string_pretty(value)?,
+    let out = match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
         Output::Table => text(value),
     };
-    if matches!(output, Output::Json) {
-        out.push('\n');
-    }
     write_stdout(&out)
 }
 

@@ -231,21 +231,12 @@ async fn prepare(
     }
     disks.extend((0..vm.spec.data_disks.len()).map(|i| format!("vd{}", (b'c' + i as u8) as char)));
     if let Some(p) = ports {
-        let moving_here = |id: &str| {
-            host.db
-                .reader()
-                .read(|c| model::get::<Vm>(c, id))
-                .ok()
-                .flatten()
-                .and_then(|v| v.migration)
-                .is_some_and(|m| m.target == me)
-        };
         let mut streams = host
             .incoming_streams
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         // Forget the ports of migrations that ended since.
-        streams.retain(|id, _| moving_here(id));
+        streams.retain(|id, _| moving_here(host, id));
         streams.insert(vm.id.clone(), p);
     }
     Ok(PreparedMigration {
@@ -573,6 +564,18 @@ pub async fn open_libvirt_socket(
     Ok(rx)
 }
 
+/// Whether raft records VM `vm_id` as moving to this host.
+fn moving_here(host: &ComputeHost, vm_id: &str) -> bool {
+    let me = host.db.node_id();
+    host.db
+        .reader()
+        .read(|c| model::get::<Vm>(c, vm_id))
+        .ok()
+        .flatten()
+        .and_then(|vm| vm.migration)
+        .is_some_and(|m| Some(m.target) == me)
+}
+
 /// Target side of a migration stream: a connection to `port` on this host's loopback,
 /// where qemu listens for an incoming migration this host prepared for `vm_id`. Any other
 /// port is refused: the peer port is no way into arbitrary local services.
@@ -593,15 +596,7 @@ pub async fn open_migration_stream(
             "no live migration of VM {vm_id} was prepared here with stream port {port}"
         ));
     }
-    let me = host.db.node_id();
-    let moving_here = host
-        .db
-        .reader()
-        .read(|c| model::get::<Vm>(c, vm_id))
-        .map_err(|e| error_chain(&e))?
-        .and_then(|vm| vm.migration)
-        .is_some_and(|m| Some(m.target) == me);
-    if !moving_here {
+    if !moving_here(host, vm_id) {
         return Err(format!("VM {vm_id} is not moving to this host"));
     }
     let conn = tokio::net::TcpStream::connect((STREAM_ADDRESS, port))
