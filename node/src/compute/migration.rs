@@ -429,18 +429,12 @@ impl LibvirtTunnel {
         let _ = tokio::fs::remove_file(&path).await;
         let listener = tokio::net::UnixListener::bind(&path)
             .map_err(|e| format!("listen on {}: {e}", path.display()))?;
-        let db = db.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                let db = db.clone();
-                tokio::spawn(async move {
-                    let request = super::console::DuplexRequest::Libvirt {};
-                    if let Err(e) = relay(db, target, &request, conn).await {
-                        tracing::debug!(error = %e, "compute: libvirt tunnel closed");
-                    }
-                });
-            }
-        });
+        let task = serve_relay(
+            db,
+            target,
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            super::console::DuplexRequest::Libvirt {},
+        );
         Ok(Self { path, task })
     }
 }
@@ -473,22 +467,24 @@ impl StreamRelays {
                 .map_err(|e| format!("migration stream listener: {e}"))?
                 .port();
             ports.push(port);
-            let (db, vm_id) = (db.clone(), vm_id.to_string());
-            tasks.push(tokio::spawn(async move {
-                while let Ok((conn, _)) = listener.accept().await {
-                    let _ = conn.set_nodelay(true);
-                    let request = super::console::DuplexRequest::MigrationStream {
-                        vm_id: vm_id.clone(),
-                        port,
-                    };
-                    let db = db.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = relay(db, target, &request, conn).await {
-                            tracing::warn!(port, error = %e, "compute: migration stream relay failed");
-                        }
-                    });
-                }
-            }));
+            // qemu's small control writes must not wait behind Nagle.
+            let incoming = futures::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |conn| {
+                    conn.inspect(|c| {
+                        let _ = c.set_nodelay(true);
+                    })
+                },
+            );
+            tasks.push(serve_relay(
+                db,
+                target,
+                incoming,
+                super::console::DuplexRequest::MigrationStream {
+                    vm_id: vm_id.to_string(),
+                    port,
+                },
+            ));
         }
         Ok(Self {
             ports: StreamPorts {
@@ -506,6 +502,32 @@ impl Drop for StreamRelays {
             t.abort();
         }
     }
+}
+
+/// Relays every connection `incoming` yields to `target` over the peer port, each in a
+/// `Duplex` RPC opened with `request`, until the returned task is aborted.
+fn serve_relay<S>(
+    db: &ClusterDb,
+    target: u64,
+    incoming: impl futures::Stream<Item = std::io::Result<S>> + Send + 'static,
+    request: super::console::DuplexRequest,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use futures::StreamExt;
+    let db = db.clone();
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        while let Some(Ok(conn)) = incoming.next().await {
+            let (db, request) = (db.clone(), request.clone());
+            tokio::spawn(async move {
+                if let Err(e) = relay(db, target, &request, conn).await {
+                    tracing::warn!(?request, error = %e, "compute: relay to node {target} failed");
+                }
+            });
+        }
+    })
 }
 
 /// Relays one local connection to `target` over the peer port (a `Duplex` RPC opened with
@@ -557,11 +579,21 @@ pub async fn open_libvirt_socket(
         .await
         .map_err(|e| format!("connect to libvirtd at {}: {e}", socket.display()))?;
     let (rd, wr) = conn.into_split();
+    Ok(relay_local(rd, wr, inbound))
+}
+
+/// The target's end of a relayed connection: `inbound` written to `wr`, `rd` read into
+/// the returned outbound stream.
+fn relay_local(
+    rd: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    wr: impl tokio::io::AsyncWrite + Unpin + Send + 'static,
+    inbound: keel_cluster::transport::DuplexInbound,
+) -> keel_cluster::transport::DuplexOutbound {
     let (tx, rx) = mpsc::channel(16);
     super::console::relay(rd, wr, inbound, tx, |e| {
         tonic::Status::unavailable(e.to_string())
     });
-    Ok(rx)
+    rx
 }
 
 /// Whether raft records VM `vm_id` as moving to this host.
@@ -611,11 +643,7 @@ pub async fn open_migration_stream(
         "compute: incoming migration stream relayed to qemu"
     );
     let (rd, wr) = conn.into_split();
-    let (tx, rx) = mpsc::channel(16);
-    super::console::relay(rd, wr, inbound, tx, |e| {
-        tonic::Status::unavailable(e.to_string())
-    });
-    Ok(rx)
+    Ok(relay_local(rd, wr, inbound))
 }
 
 /// The Unix socket of the libvirtd a `qemu:///system[?socket=PATH]` URI names.
