@@ -18,14 +18,4 @@ pub mod local;
 
 pub use db::{ClusterDb, ClusterDbConfig, ClusterError};
 
-/// Formats an error with its whole `source()` chain, for logs and one-line CLI errors.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
+pub use keel_base::error_chain;

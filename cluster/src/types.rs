@@ -5,10 +5,8 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::NodeId;
 use crate::model::{Command, CommandError, Outcome};
-
-/// Raft node ids are allocated by the state machine (`next_node_id`), starting at 1.
-pub type NodeId = u64;
 
 /// What every member of the raft group needs to know about another member.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

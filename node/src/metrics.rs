@@ -4,13 +4,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_cluster::model::{self, Health, Host};
+use keel_cluster::ClusterDb;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-
-use crate::api::AppState;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -29,7 +28,9 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, state: &AppState) -> String {
+    /// Renders every metric of this node: `started` is when the service started; raft and
+    /// host figures come from `db` at scrape time.
+    pub fn render(&self, db: &ClusterDb, started: std::time::Instant) -> String {
         let mut registry = Registry::with_prefix("keel");
         let gauge = |registry: &mut Registry, name: &str, help: &str, value: i64| {
             let g = Gauge::<i64>::default();
@@ -40,9 +41,9 @@ impl Metrics {
             &mut registry,
             "uptime_seconds",
             "Seconds since the node service started",
-            state.started.elapsed().as_secs() as i64,
+            started.elapsed().as_secs() as i64,
         );
-        if let Some(m) = state.db.metrics() {
+        if let Some(m) = db.metrics() {
             gauge(
                 &mut registry,
                 "raft_term",
@@ -53,7 +54,7 @@ impl Metrics {
                 &mut registry,
                 "raft_is_leader",
                 "1 if this node is the raft leader",
-                i64::from(state.db.is_leader()),
+                i64::from(db.is_leader()),
             );
             gauge(
                 &mut registry,
@@ -81,7 +82,7 @@ impl Metrics {
                 ms.learner_ids().count() as i64,
             );
         }
-        if let Ok(hosts) = state.db.reader().read(model::list::<Host>) {
+        if let Ok(hosts) = db.reader().read(model::list::<Host>) {
             let family = Family::<Vec<(String, String)>, Gauge<i64>>::default();
             for health in [Health::Up, Health::Suspect, Health::Down] {
                 let n = hosts.iter().filter(|h| h.health == health).count();

@@ -17,23 +17,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::compute::console::Consoles;
-use crate::compute::domain_xml::DomainType;
-use crate::compute::hypervisor::Hypervisor;
 use crate::compute::images::ImageStore;
 use crate::compute::kvm_probe::ProbeGuest;
-use crate::compute::libvirt::Libvirt;
 use crate::compute::migration::libvirt_socket_of;
 use crate::compute::reconciler::ComputeHost;
 use crate::compute::transfer::{NodeHostServices, PeerTemplateSource};
 use crate::config::{ConfigError, NodeConfig};
 use crate::duties::{self, DutyStatus};
 use crate::host::supervisor::{HostUnits, UnitReports};
-use crate::host::systemd::SystemdDbus;
-use crate::network::dnsmasq::Dnsmasq;
-use crate::network::netlink::Netlink;
-use crate::network::nft::Nftables;
-use crate::network::nft_nat::NftNat;
 use crate::network::reconciler::{NetworkAdapters, NetworkHost};
+use keel_adapters::dhcp::dnsmasq::Dnsmasq;
+use keel_adapters::firewall::nft::Nftables;
+use keel_adapters::hypervisor::domain_xml::DomainType;
+use keel_adapters::hypervisor::libvirt::Libvirt;
+use keel_adapters::hypervisor::Hypervisor;
+use keel_adapters::links::netlink::Netlink;
+use keel_adapters::nat::nft::NftNat;
+use keel_adapters::units::systemd::SystemdDbus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -76,7 +76,7 @@ pub enum ServeError {
     Network {
         path: PathBuf,
         #[source]
-        source: Box<crate::network::links::LinkError>,
+        source: Box<keel_adapters::links::LinkError>,
     },
     #[error("could not set up TLS for the API")]
     Tls(#[source] keel_cluster::tls::TlsError),
@@ -611,9 +611,11 @@ async fn agent(
         {
             continue;
         }
-        let mut inventory = tokio::task::spawn_blocking(crate::inventory::probe)
-            .await
-            .unwrap_or_default();
+        let mut inventory = tokio::task::spawn_blocking(|| {
+            crate::inventory::probe(&keel_adapters::probe::ProcSys::default())
+        })
+        .await
+        .unwrap_or_default();
         if let Some(hv) = &hv_report {
             if hv.kvm_usable.is_some() || !hv.kvm_detail.is_empty() {
                 inventory.kvm.usable = hv.kvm_usable;

@@ -19,7 +19,7 @@
 //! uses [`TestCluster::cli_raw`], which never counts as a failure.
 //!
 //! The `keel` binary is `ClusterOptions::keel_bin`, else `$KEEL_BIN`, else `keel` in the
-//! cargo target directory this test binary was built into (`cargo build -p keel-node`).
+//! cargo target directory this test binary was built into (`cargo build -p keel-cli`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -319,13 +319,13 @@ impl ApiClient {
 
     /// `GET /healthz` answered 2xx.
     pub async fn healthz(&self) -> Result<()> {
-        self.get_text("/healthz").await.map(drop)
+        self.get_text(keel_client::paths::HEALTHZ).await.map(drop)
     }
 
     /// `PUT /api/v1/settings/{key}` with `{"value": value}`.
     pub async fn put_setting(&self, key: &str, value: &str) -> Result<Value> {
         self.put(
-            &format!("/api/v1/settings/{key}"),
+            &keel_client::paths::setting(key),
             &serde_json::json!({ "value": value }),
         )
         .await
@@ -333,7 +333,7 @@ impl ApiClient {
 
     /// `GET /api/v1/settings/{key}`.
     pub async fn get_setting(&self, key: &str) -> Result<Value> {
-        self.get(&format!("/api/v1/settings/{key}")).await
+        self.get(&keel_client::paths::setting(key)).await
     }
 }
 
@@ -402,7 +402,7 @@ pub fn locate_keel() -> Result<PathBuf> {
         if let (Some(built), Some((changed, file))) = (built, newest) {
             if changed > built {
                 bail!(
-                    "{} is older than {}: rebuild it with `cargo build -p keel-node` (or set KEEL_BIN)",
+                    "{} is older than {}: rebuild it with `cargo build -p keel-cli` (or set KEEL_BIN)",
                     bin.display(),
                     file.display()
                 );
@@ -412,7 +412,7 @@ pub fn locate_keel() -> Result<PathBuf> {
     found.ok_or_else(|| {
             let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
             anyhow!(
-                "the keel binary was not found (tried {}); build it with `cargo build -p keel-node` or set KEEL_BIN",
+                "the keel binary was not found (tried {}); build it with `cargo build -p keel-cli` or set KEEL_BIN",
                 list.join(", ")
             )
         })

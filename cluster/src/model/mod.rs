@@ -11,11 +11,14 @@
 
 pub mod compute;
 pub mod network;
+mod nic;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::types::NodeId;
+/// A host's id: raft's node id, allocated by the state machine (`node_id` counter),
+/// starting at 1. The model owns it; the raft type configuration uses it.
+pub type NodeId = u64;
 
 /// Grace applied to join-token expiry so that a small clock skew between the node that
 /// created a token and the node that consumes it does not reject a valid join.
@@ -512,25 +515,18 @@ pub enum CommandError {
 /// Checks a DNS-label style name: 1-63 characters of `a-z`, `0-9` and `-`, not starting or
 /// ending with `-`.
 pub fn validate_name(field: &str, name: &str) -> Result<(), CommandError> {
-    let invalid = |reason: &str| CommandError::Invalid {
+    keel_base::names::check_name(name).map_err(|e| CommandError::Invalid {
         field: field.to_string(),
-        reason: reason.to_string(),
-    };
-    if name.is_empty() || name.len() > 63 {
-        return Err(invalid("must be 1 to 63 characters long"));
+        reason: e.to_string(),
+    })
+}
+
+/// A deterministic rejection of one field's value.
+pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid {
+        field: field.to_string(),
+        reason: reason.into(),
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(invalid(&format!(
-            "{name:?} may only contain lowercase letters, digits and '-'"
-        )));
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return Err(invalid(&format!("{name:?} must not start or end with '-'")));
-    }
-    Ok(())
 }
 
 fn validate_addr(field: &str, addr: &str) -> Result<(), CommandError> {
@@ -568,35 +564,77 @@ pub fn get<T: Record>(conn: &Connection, key: &str) -> rusqlite::Result<Option<T
         .transpose()
 }
 
-/// The name → id index entry of a record kind whose names are unique.
-pub(crate) trait NameIndex: Record {
+/// A record kind whose names are unique. Its name → id index lives beside it in the
+/// objects table as [`NameEntry`] records of kind `NAME_KIND`, so names stay unique and a
+/// lookup by name is one read.
+pub(crate) trait Named: Record {
+    /// The index's kind in the objects table (e.g. `vm_name`).
+    const NAME_KIND: &'static str;
     fn id(&self) -> &str;
+    fn name(&self) -> &str;
 }
 
-/// Finds a record by id, else by name through its name index `N`.
-pub(crate) fn find_by_id_or_name<T: Record, N: NameIndex>(
+/// One entry of the name index of `T`: `{"name": …, "id": …}` under `T::NAME_KIND`.
+#[derive(Serialize, Deserialize)]
+#[serde(bound = "")]
+pub(crate) struct NameEntry<T> {
+    name: String,
+    id: String,
+    #[serde(skip)]
+    of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Named> Record for NameEntry<T> {
+    const KIND: &'static str = T::NAME_KIND;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Stores a named record together with its name index entry.
+pub(crate) fn put_named<T: Named>(conn: &Connection, record: &T) -> Result<(), CommandError> {
+    put(conn, record)?;
+    put(
+        conn,
+        &NameEntry::<T> {
+            name: record.name().to_owned(),
+            id: record.id().to_owned(),
+            of: std::marker::PhantomData,
+        },
+    )
+}
+
+/// Deletes a named record and its name index entry.
+pub(crate) fn delete_named<T: Named>(conn: &Connection, record: &T) -> Result<(), CommandError> {
+    delete::<NameEntry<T>>(conn, record.name())?;
+    delete::<T>(conn, record.id())?;
+    Ok(())
+}
+
+/// Finds a record by id, else by name through its name index.
+pub(crate) fn find_by_id_or_name<T: Named>(
     conn: &Connection,
     id_or_name: &str,
 ) -> rusqlite::Result<Option<T>> {
     if let Some(found) = get::<T>(conn, id_or_name)? {
         return Ok(Some(found));
     }
-    match get::<N>(conn, id_or_name)? {
-        Some(entry) => get::<T>(conn, entry.id()),
+    match get::<NameEntry<T>>(conn, id_or_name)? {
+        Some(entry) => get::<T>(conn, &entry.id),
         None => Ok(None),
     }
 }
 
-/// Checks that a new record of kind `T`, indexed by name through `N`, may take this id and
-/// name: the name is a DNS label and neither is in use. `kind` names it in errors ("VM").
-pub(crate) fn require_new_named<T: Record, N: NameIndex>(
+/// Checks that a new record of kind `T` may take this id and name: the name is a DNS
+/// label and neither is in use. `kind` names it in errors ("VM").
+pub(crate) fn require_new_named<T: Named>(
     conn: &Connection,
     kind: &str,
     id: &str,
     name: &str,
 ) -> Result<(), CommandError> {
     validate_name(&format!("{kind} name"), name)?;
-    if read::<N>(conn, name)?.is_some() {
+    if read::<NameEntry<T>>(conn, name)?.is_some() {
         return Err(CommandError::NameTaken {
             kind: kind.into(),
             name: name.into(),
@@ -682,197 +720,284 @@ pub fn apply(conn: &Connection, command: &Command) -> Result<Outcome, CommandErr
             compute_cluster,
             first_host,
             now_ms,
-        } => {
-            if let Some(existing) = read::<ClusterInfo>(conn, "cluster")? {
-                return Err(CommandError::AlreadyInitialized {
-                    cluster_id: existing.cluster_id,
-                });
-            }
-            validate_name("cluster name", &info.name)?;
-            validate_name("zone name", zone)?;
-            validate_name("compute cluster name", compute_cluster)?;
-            validate_new_host(first_host)?;
-            put(conn, info)?;
-            put(conn, ca_key)?;
-            put(conn, admin)?;
-            put(conn, &Zone { name: zone.clone() })?;
-            put(
-                conn,
-                &ComputeCluster {
-                    name: compute_cluster.clone(),
-                    zone: zone.clone(),
-                },
-            )?;
-            let host_id = next_counter(conn, "node_id", 1)?;
-            put(
-                conn,
-                &new_host_record(host_id, first_host, zone, compute_cluster, *now_ms),
-            )?;
-            Ok(Outcome::HostJoined { host_id })
-        }
+        } => init_cluster(
+            conn,
+            info,
+            ca_key,
+            admin,
+            zone,
+            compute_cluster,
+            first_host,
+            *now_ms,
+        ),
         Command::CreateJoinToken {
             token_id,
             secret_sha256,
             now_ms,
             expires_at_ms,
-        } => {
-            require_init(conn)?;
-            if read::<JoinToken>(conn, token_id)?.is_some() {
-                return Err(CommandError::NameTaken {
-                    kind: "join token".into(),
-                    name: token_id.clone(),
-                });
-            }
-            if expires_at_ms <= now_ms {
-                return Err(CommandError::Invalid {
-                    field: "ttl".into(),
-                    reason: "a join token must expire in the future".into(),
-                });
-            }
-            put(
-                conn,
-                &JoinToken {
-                    id: token_id.clone(),
-                    secret_sha256: secret_sha256.clone(),
-                    created_at_ms: *now_ms,
-                    expires_at_ms: *expires_at_ms,
-                    consumed: None,
-                },
-            )?;
-            Ok(Outcome::Done)
-        }
+        } => create_join_token(conn, token_id, secret_sha256, *now_ms, *expires_at_ms),
         Command::ConsumeJoinToken {
             token_id,
             secret_sha256,
             key_fingerprint,
             host,
             now_ms,
-        } => {
-            require_init(conn)?;
-            let mut token =
-                read::<JoinToken>(conn, token_id)?.ok_or_else(|| CommandError::TokenUnknown {
-                    token_id: token_id.clone(),
-                })?;
-            if !crate::token::digests_equal(&token.secret_sha256, secret_sha256) {
-                return Err(CommandError::TokenSecretMismatch {
-                    token_id: token_id.clone(),
-                });
-            }
-            if let Some(used) = &token.consumed {
-                if used.key_fingerprint == *key_fingerprint {
-                    return Ok(Outcome::HostJoined {
-                        host_id: used.host_id,
-                    });
-                }
-                return Err(CommandError::TokenUsed {
-                    token_id: token_id.clone(),
-                    host_id: used.host_id,
-                });
-            }
-            if *now_ms > token.expires_at_ms.saturating_add(TOKEN_EXPIRY_SKEW_MS) {
-                return Err(CommandError::TokenExpired {
-                    token_id: token_id.clone(),
-                    expired_at_ms: token.expires_at_ms,
-                });
-            }
-            validate_new_host(host)?;
-            let hosts: Vec<Host> = list(conn).map_err(store_err)?;
-            if hosts.iter().any(|h| h.name == host.name) {
-                return Err(CommandError::NameTaken {
-                    kind: "host".into(),
-                    name: host.name.clone(),
-                });
-            }
-            // A new host lands in the first zone and compute cluster; moving hosts between
-            // them comes with the placement work.
-            let zone = list::<Zone>(conn)
-                .map_err(store_err)?
-                .into_iter()
-                .next()
-                .map(|z| z.name)
-                .ok_or(CommandError::NotInitialized)?;
-            let cc = list::<ComputeCluster>(conn)
-                .map_err(store_err)?
-                .into_iter()
-                .find(|c| c.zone == zone)
-                .map(|c| c.name)
-                .ok_or(CommandError::NotInitialized)?;
-            let host_id = next_counter(conn, "node_id", 1)?;
-            put(conn, &new_host_record(host_id, host, &zone, &cc, *now_ms))?;
-            token.consumed = Some(TokenUse {
-                host_id,
-                key_fingerprint: key_fingerprint.clone(),
-                at_ms: *now_ms,
-            });
-            put(conn, &token)?;
-            Ok(Outcome::HostJoined { host_id })
-        }
+        } => consume_join_token(
+            conn,
+            token_id,
+            secret_sha256,
+            key_fingerprint,
+            host,
+            *now_ms,
+        ),
         Command::ReportInventory {
             host_id,
             inventory,
             now_ms,
-        } => {
-            let mut host = require_host(conn, *host_id)?;
-            if host.inventory.as_ref() == Some(inventory) {
-                return Ok(Outcome::Unchanged);
-            }
-            host.inventory = Some(inventory.clone());
-            host.inventory_at_ms = Some(*now_ms);
-            put(conn, &host)?;
-            Ok(Outcome::Done)
-        }
+        } => report_inventory(conn, *host_id, inventory, *now_ms),
         Command::SetHealth {
             host_id,
             health,
             now_ms,
-        } => {
-            let mut host = require_host(conn, *host_id)?;
-            if host.health == *health {
-                return Ok(Outcome::Unchanged);
-            }
-            host.health = *health;
-            host.health_since_ms = *now_ms;
-            put(conn, &host)?;
-            Ok(Outcome::Done)
+        } => set_health(conn, *host_id, health, *now_ms),
+        Command::RemoveHost { host_id } => remove_host(conn, *host_id),
+        Command::PutSetting { key, value, now_ms } => put_setting(conn, key, value, *now_ms),
+        Command::Compute { command } => compute(conn, command),
+        Command::Network { command } => network(conn, command),
+        Command::DeleteSetting { key } => delete_setting(conn, key),
+    }
+}
+
+// One parameter per field of the command, as the dispatch destructures it.
+#[allow(clippy::too_many_arguments)]
+fn init_cluster(
+    conn: &Connection,
+    info: &ClusterInfo,
+    ca_key: &CaKey,
+    admin: &Credential,
+    zone: &str,
+    compute_cluster: &str,
+    first_host: &NewHost,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    if let Some(existing) = read::<ClusterInfo>(conn, "cluster")? {
+        return Err(CommandError::AlreadyInitialized {
+            cluster_id: existing.cluster_id,
+        });
+    }
+    validate_name("cluster name", &info.name)?;
+    validate_name("zone name", zone)?;
+    validate_name("compute cluster name", compute_cluster)?;
+    validate_new_host(first_host)?;
+    put(conn, info)?;
+    put(conn, ca_key)?;
+    put(conn, admin)?;
+    put(
+        conn,
+        &Zone {
+            name: zone.to_owned(),
+        },
+    )?;
+    put(
+        conn,
+        &ComputeCluster {
+            name: compute_cluster.to_owned(),
+            zone: zone.to_owned(),
+        },
+    )?;
+    let host_id = next_counter(conn, "node_id", 1)?;
+    put(
+        conn,
+        &new_host_record(host_id, first_host, zone, compute_cluster, now_ms),
+    )?;
+    Ok(Outcome::HostJoined { host_id })
+}
+
+fn create_join_token(
+    conn: &Connection,
+    token_id: &str,
+    secret_sha256: &str,
+    now_ms: u64,
+    expires_at_ms: u64,
+) -> Result<Outcome, CommandError> {
+    require_init(conn)?;
+    if read::<JoinToken>(conn, token_id)?.is_some() {
+        return Err(CommandError::NameTaken {
+            kind: "join token".into(),
+            name: token_id.to_owned(),
+        });
+    }
+    if expires_at_ms <= now_ms {
+        return Err(CommandError::Invalid {
+            field: "ttl".into(),
+            reason: "a join token must expire in the future".into(),
+        });
+    }
+    put(
+        conn,
+        &JoinToken {
+            id: token_id.to_owned(),
+            secret_sha256: secret_sha256.to_owned(),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            consumed: None,
+        },
+    )?;
+    Ok(Outcome::Done)
+}
+
+fn consume_join_token(
+    conn: &Connection,
+    token_id: &str,
+    secret_sha256: &str,
+    key_fingerprint: &str,
+    host: &NewHost,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    require_init(conn)?;
+    let mut token =
+        read::<JoinToken>(conn, token_id)?.ok_or_else(|| CommandError::TokenUnknown {
+            token_id: token_id.to_owned(),
+        })?;
+    if !crate::token::digests_equal(&token.secret_sha256, secret_sha256) {
+        return Err(CommandError::TokenSecretMismatch {
+            token_id: token_id.to_owned(),
+        });
+    }
+    if let Some(used) = &token.consumed {
+        if used.key_fingerprint == *key_fingerprint {
+            return Ok(Outcome::HostJoined {
+                host_id: used.host_id,
+            });
         }
-        Command::RemoveHost { host_id } => {
-            require_host(conn, *host_id)?;
-            compute::unplace_host_vms(conn, *host_id)?;
-            delete::<Host>(conn, &host_key(*host_id))?;
-            Ok(Outcome::Done)
-        }
-        Command::PutSetting { key, value, now_ms } => {
-            require_init(conn)?;
-            validate_setting_key(key)?;
-            compute::validate_setting_value(key, value)?;
-            if value.len() > MAX_SETTING_VALUE {
-                return Err(CommandError::Invalid {
-                    field: "setting value".into(),
-                    reason: format!(
-                        "{} bytes is more than the {MAX_SETTING_VALUE} allowed",
-                        value.len()
-                    ),
-                });
-            }
-            put(
-                conn,
-                &Setting {
-                    key: key.clone(),
-                    value: value.clone(),
-                    updated_at_ms: *now_ms,
-                },
-            )?;
-            Ok(Outcome::Done)
-        }
-        Command::Compute { command } => compute::apply(conn, command),
-        Command::Network { command } => network::apply(conn, command),
-        Command::DeleteSetting { key } => {
-            if delete::<Setting>(conn, key)? {
-                Ok(Outcome::Done)
-            } else {
-                Err(CommandError::SettingUnknown { key: key.clone() })
-            }
-        }
+        return Err(CommandError::TokenUsed {
+            token_id: token_id.to_owned(),
+            host_id: used.host_id,
+        });
+    }
+    if now_ms > token.expires_at_ms.saturating_add(TOKEN_EXPIRY_SKEW_MS) {
+        return Err(CommandError::TokenExpired {
+            token_id: token_id.to_owned(),
+            expired_at_ms: token.expires_at_ms,
+        });
+    }
+    validate_new_host(host)?;
+    let hosts: Vec<Host> = list(conn).map_err(store_err)?;
+    if hosts.iter().any(|h| h.name == host.name) {
+        return Err(CommandError::NameTaken {
+            kind: "host".into(),
+            name: host.name.clone(),
+        });
+    }
+    // A new host lands in the first zone and compute cluster; moving hosts between
+    // them comes with the placement work.
+    let zone = list::<Zone>(conn)
+        .map_err(store_err)?
+        .into_iter()
+        .next()
+        .map(|z| z.name)
+        .ok_or(CommandError::NotInitialized)?;
+    let cc = list::<ComputeCluster>(conn)
+        .map_err(store_err)?
+        .into_iter()
+        .find(|c| c.zone == zone)
+        .map(|c| c.name)
+        .ok_or(CommandError::NotInitialized)?;
+    let host_id = next_counter(conn, "node_id", 1)?;
+    put(conn, &new_host_record(host_id, host, &zone, &cc, now_ms))?;
+    token.consumed = Some(TokenUse {
+        host_id,
+        key_fingerprint: key_fingerprint.to_owned(),
+        at_ms: now_ms,
+    });
+    put(conn, &token)?;
+    Ok(Outcome::HostJoined { host_id })
+}
+
+fn report_inventory(
+    conn: &Connection,
+    host_id: NodeId,
+    inventory: &Inventory,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    let mut host = require_host(conn, host_id)?;
+    if host.inventory.as_ref() == Some(inventory) {
+        return Ok(Outcome::Unchanged);
+    }
+    host.inventory = Some(inventory.clone());
+    host.inventory_at_ms = Some(now_ms);
+    put(conn, &host)?;
+    Ok(Outcome::Done)
+}
+
+fn set_health(
+    conn: &Connection,
+    host_id: NodeId,
+    health: &Health,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    let mut host = require_host(conn, host_id)?;
+    if host.health == *health {
+        return Ok(Outcome::Unchanged);
+    }
+    host.health = *health;
+    host.health_since_ms = now_ms;
+    put(conn, &host)?;
+    Ok(Outcome::Done)
+}
+
+fn remove_host(conn: &Connection, host_id: NodeId) -> Result<Outcome, CommandError> {
+    require_host(conn, host_id)?;
+    compute::unplace_host_vms(conn, host_id)?;
+    delete::<Host>(conn, &host_key(host_id))?;
+    Ok(Outcome::Done)
+}
+
+fn put_setting(
+    conn: &Connection,
+    key: &str,
+    value: &str,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    require_init(conn)?;
+    validate_setting_key(key)?;
+    compute::validate_setting_value(key, value)?;
+    network::validate_setting_value(key, value)?;
+    if value.len() > MAX_SETTING_VALUE {
+        return Err(CommandError::Invalid {
+            field: "setting value".into(),
+            reason: format!(
+                "{} bytes is more than the {MAX_SETTING_VALUE} allowed",
+                value.len()
+            ),
+        });
+    }
+    put(
+        conn,
+        &Setting {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            updated_at_ms: now_ms,
+        },
+    )?;
+    Ok(Outcome::Done)
+}
+
+fn compute(conn: &Connection, command: &compute::ComputeCommand) -> Result<Outcome, CommandError> {
+    compute::apply(conn, command)
+}
+
+fn network(conn: &Connection, command: &network::NetworkCommand) -> Result<Outcome, CommandError> {
+    network::apply(conn, command)
+}
+
+fn delete_setting(conn: &Connection, key: &str) -> Result<Outcome, CommandError> {
+    if delete::<Setting>(conn, key)? {
+        Ok(Outcome::Done)
+    } else {
+        Err(CommandError::SettingUnknown {
+            key: key.to_owned(),
+        })
     }
 }
 

@@ -14,8 +14,7 @@ use serde::Deserialize;
 use super::{ApiError, AppState};
 use crate::compute::console::{ConsoleError, ConsoleKind, ConsolePipe};
 
-/// The subprotocol a console WebSocket speaks.
-pub const CONSOLE_PROTOCOL: &str = "keel.console";
+pub use keel_api_types::CONSOLE_PROTOCOL;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -46,8 +45,8 @@ impl From<ConsoleError> for ApiError {
     params(("vm" = String, Path, description = "VM id or name"), ConsoleQuery),
     responses(
         (status = 101, description = "WebSocket with the console's bytes as binary frames"),
-        (status = 404, description = "No such VM", body = super::types::ErrorBody),
-        (status = 409, description = "The VM is not running", body = super::types::ErrorBody),
+        (status = 404, description = "No such VM", body = keel_api_types::ErrorBody),
+        (status = 409, description = "The VM is not running", body = keel_api_types::ErrorBody),
     ),
     tag = "vms"
 )]

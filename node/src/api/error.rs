@@ -8,9 +8,11 @@ use axum::Json;
 use keel_cluster::model::CommandError;
 use keel_cluster::{error_chain, ClusterError};
 
+use keel_client::join::JoinError;
+
 use crate::compute::images::ImageError;
 
-use super::types::{ErrorBody, ErrorDetail};
+use keel_api_types::{ErrorBody, ErrorDetail};
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -164,5 +166,25 @@ impl From<JsonRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", r.body_text())
+    }
+}
+
+impl From<JoinError> for ApiError {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::Refused { status, .. } => ApiError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                "join_refused",
+                e.to_string(),
+            ),
+            JoinError::Unreachable { .. } => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "cluster_unreachable",
+                e.to_string(),
+            ),
+            JoinError::Pin(_) | JoinError::Client(_) | JoinError::MalformedReply { .. } => {
+                ApiError::bad_request(error_chain(&e))
+            }
+        }
     }
 }

@@ -20,10 +20,10 @@ use keel_cluster::model::{self, Command, CommandError, Host};
 use super::extract::ApiJson;
 use super::handlers::{read, ApiResult};
 use super::networks::write_network;
-use super::types::{
+use super::{ApiError, AppState, Principal};
+use keel_api_types::{
     ErrorBody, FloatingIpAllocateRequest, FloatingIpAttachRequest, FloatingIpView, PortForwardView,
 };
-use super::{ApiError, AppState, Principal};
 
 fn parse_ip(text: &str) -> Result<Ipv4Addr, ApiError> {
     text.trim().parse().map_err(|_| {

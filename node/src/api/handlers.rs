@@ -11,9 +11,9 @@ use keel_cluster::model::{self, Command, Host, NewHost, Setting};
 use keel_cluster::token::JoinTokenBody;
 use keel_cluster::{error_chain, ClusterError};
 
-use super::types::*;
+use super::views;
 use super::{ApiError, AppState, Principal};
-use crate::views;
+use keel_api_types::*;
 
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -259,7 +259,7 @@ pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(&state),
+        state.metrics.render(&state.db, state.started),
     )
 }
 
@@ -313,7 +313,7 @@ pub async fn local_join(
         JoinTokenBody::decode(&req.token).map_err(|e| ApiError::bad_request(e.to_string()))?;
     require_routable(&state)?;
     let draft = state.db.prepare_join().await?;
-    let reply = crate::join::request_join(&token, draft).await?;
+    let reply = keel_client::join::request_join(&token, draft).await?;
     let node_id = reply.node_id;
     let cluster_id = reply.cluster_id.clone();
     state.db.complete_join(reply).await?;

@@ -16,7 +16,7 @@ mod handlers;
 mod networks;
 pub mod openapi;
 mod templates;
-pub mod types;
+mod views;
 mod vms;
 
 use std::sync::Arc;

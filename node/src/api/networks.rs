@@ -22,10 +22,10 @@ use keel_cluster::model::{self, Command, CommandError, Host};
 
 use super::extract::ApiJson;
 use super::handlers::{read, ApiResult};
-use super::types::*;
+use super::views;
 use super::vms::resolve_host;
 use super::{ApiError, AppState, Principal};
-use crate::views;
+use keel_api_types::*;
 
 /// How long a create waits for this node's replica to apply the entry it just committed
 /// (a follower applies it a moment after the leader).

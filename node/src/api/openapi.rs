@@ -5,8 +5,8 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::types::*;
 use super::{console, floating_ips, handlers, networks, templates, vms};
+use keel_api_types::*;
 
 #[derive(OpenApi)]
 #[openapi(

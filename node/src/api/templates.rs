@@ -20,10 +20,10 @@ use tokio::io::AsyncWriteExt;
 
 use super::extract::{ApiJson, ApiQuery};
 use super::handlers::{read, ApiResult};
-use super::types::*;
+use super::views;
 use super::{ApiError, AppState, Principal};
 use crate::compute::images::{ImageError, Volumes};
-use crate::views;
+use keel_api_types::*;
 
 /// Removes a file when dropped unless disarmed: a failed or abandoned upload (the client
 /// went away and the handler future was dropped) leaves nothing behind.

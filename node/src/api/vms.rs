@@ -16,9 +16,9 @@ use keel_cluster::model::{self, Command, CommandError, Host, Outcome};
 
 use super::extract::ApiJson;
 use super::handlers::{read, ApiResult};
-use super::types::*;
+use super::views::{self, ComputeNames};
 use super::{ApiError, AppState, Principal};
-use crate::views::{self, ComputeNames};
+use keel_api_types::*;
 
 /// How many operations `GET /api/v1/operations` returns.
 pub const RECENT_OPERATIONS: usize = 200;

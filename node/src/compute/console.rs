@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::hypervisor::Hypervisor;
+use keel_adapters::hypervisor::Hypervisor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -169,7 +169,7 @@ impl Consoles {
                     .await
                     .map_err(|e| open_err(e.to_string()))?
                     .map_err(|e| open_err(error_chain(&e)))?;
-                let stream: Arc<dyn super::hypervisor::ConsoleStream> = Arc::from(stream);
+                let stream: Arc<dyn keel_adapters::hypervisor::ConsoleStream> = Arc::from(stream);
                 let (to_vm, mut to_rx) = mpsc::channel::<Vec<u8>>(16);
                 let (from_tx, from_vm) = mpsc::channel(16);
                 let reader = stream.clone();

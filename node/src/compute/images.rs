@@ -103,7 +103,7 @@ pub struct DiskRequest<'a> {
     pub template_format: ImageFormat,
     pub root_size_bytes: Option<u64>,
     pub data_disk_bytes: Vec<u64>,
-    pub seed: &'a super::seed::NoCloudSeed,
+    pub seed: &'a keel_adapters::hypervisor::seed::NoCloudSeed,
 }
 
 /// The local qcow2 backend.
@@ -312,9 +312,11 @@ impl Volumes for ImageStore {
             }
         }
         // The seed is rewritten every time: it is derived from the desired state only.
-        super::seed::write_seed_image(&disks.seed, req.seed).map_err(|e| ImageError::Io {
-            path: disks.seed.clone(),
-            source: std::io::Error::other(keel_cluster::error_chain(&e)),
+        keel_adapters::hypervisor::seed::write_seed_image(&disks.seed, req.seed).map_err(|e| {
+            ImageError::Io {
+                path: disks.seed.clone(),
+                source: std::io::Error::other(keel_cluster::error_chain(&e)),
+            }
         })?;
         sync_dir(&dir);
         Ok(disks)

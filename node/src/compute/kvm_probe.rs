@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::domain_xml::{self, BootMode, DomainSpec, DomainType, KeelMetadata};
-use super::hypervisor::Hypervisor;
+use keel_adapters::hypervisor::domain_xml::{self, BootMode, DomainSpec, DomainType, KeelMetadata};
+use keel_adapters::hypervisor::Hypervisor;
 
 /// What the tiny guest prints first on its console.
 const BOOT_MARKER: &str = "KEEL-TINY-BOOT";
@@ -136,8 +136,8 @@ fn cleanup(hv: &dyn Hypervisor) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake::FakeHypervisor;
     use super::*;
+    use keel_adapters::hypervisor::fake::FakeHypervisor;
 
     #[test]
     fn a_missing_probe_guest_means_not_probed_and_leaves_nothing() {

@@ -41,8 +41,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::hypervisor::{DomainState, MigrationRequest};
 use super::reconciler::{build_domain, ComputeHost, HostFacts};
+use keel_adapters::hypervisor::{DomainState, MigrationRequest};
 
 /// Requests a node answers for its own host services (the `Host` peer RPC).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -51,14 +51,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::domain_xml::{
+use super::images::{DiskRequest, Volumes};
+use keel_adapters::hypervisor::domain_xml::{
     self, BootMode, DiskAttachment, DiskBus, DiskCache, DiskDevice, DiskFormat, DomainSpec,
     DomainType, KeelMetadata, NicAttachment, VncSpec,
 };
-use super::hypervisor::{DomainState, Hypervisor};
-use super::images::{DiskRequest, Volumes};
-use super::seed::NoCloudSeed;
-use crate::network::links::{tap_name, MacAddr};
+use keel_adapters::hypervisor::seed::NoCloudSeed;
+use keel_adapters::hypervisor::{DomainState, Hypervisor};
+use keel_adapters::links::{tap_name, MacAddr};
 
 /// Waits (blocking) until the bridges of the VM's guest-network NICs exist on this host:
 /// the network reconciler builds them when the VM is placed here, and libvirt cannot
@@ -82,7 +82,7 @@ pub fn wait_for_bridges(vm: &Vm, limit: Duration) -> Result<(), String> {
 }
 
 /// Fetches templates this host lacks from a host that has them.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait TemplateSource: Send + Sync + 'static {
     async fn fetch(&self, template: &Template) -> Result<(), String>;
 }
@@ -264,7 +264,7 @@ impl ComputeHost {
                             hv.destroy(uuid)?;
                             hv.undefine(uuid)?;
                             let _ = volumes.delete_vm(&vm_id);
-                            Ok::<_, super::hypervisor::HypervisorError>(())
+                            Ok::<_, keel_adapters::hypervisor::HypervisorError>(())
                         })
                         .await;
                     }
@@ -906,9 +906,9 @@ mod tests {
 
     use keel_cluster::model::compute::{CloudInit, VmSpec};
 
-    use super::super::fake::{FakeHypervisor, FakeOp};
-    use super::super::images::{ImageError, VmDisks};
     use super::*;
+    use crate::compute::images::{ImageError, VmDisks};
+    use keel_adapters::hypervisor::fake::{FakeHypervisor, FakeOp};
 
     /// Volumes that only remember what was asked of them.
     #[derive(Default)]

@@ -52,7 +52,7 @@ pub struct NodeHostServices {
     pub compute: Option<Arc<super::reconciler::ComputeHost>>,
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl HostServices for NodeHostServices {
     async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status> {
         let compute = self
@@ -225,7 +225,7 @@ impl PeerTemplateSource {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl TemplateSource for PeerTemplateSource {
     async fn fetch(&self, template: &Template) -> Result<(), String> {
         let lock = self

@@ -32,12 +32,7 @@
 //! the error, if any) on a `watch` channel; the agent puts them into the host's
 //! inventory, which is re-sent when they change (`keel node show`, the API).
 //!
-//! Adapters (host side effects behind a narrow trait with a fake beside it):
-//! - [`units`]: the [`units::UnitManager`] trait, its types and errors.
-//! - [`systemd`]: the real one over D-Bus (zbus); every zbus call lives there.
-//! - [`fake_units`]: in memory, for unit tests.
+//! The unit manager itself is an adapter: `keel_adapters::units` holds the `UnitManager`
+//! trait, the real one over D-Bus (`units::systemd`, every zbus call) and the fake.
 
-pub mod fake_units;
 pub mod supervisor;
-pub mod systemd;
-pub mod units;

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::units::{UnitManager, UnitState, NOT_FOUND};
+use keel_adapters::units::{UnitManager, UnitState, NOT_FOUND};
 
 /// How often units are checked by default (`[host] units_interval_ms`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
@@ -248,7 +248,7 @@ fn log_change(previous: Option<&HostUnitReport>, now: &HostUnitReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::fake_units::FakeUnits;
+    use keel_adapters::units::fake::FakeUnits;
 
     const LIBVIRTD: &str = "libvirtd.service";
     const INTERVAL: Duration = Duration::from_secs(10);

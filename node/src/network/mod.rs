@@ -21,23 +21,10 @@
 //! gateway): a VM's ARP entry for its gateway stays valid when it migrates, and the
 //! firewall keeps each host's gateway, DHCP and DNS traffic off the VXLAN.
 //!
-//! Adapters (host side effects, each behind a narrow trait with a fake beside it):
-//! - [`links`]: bridges, VXLAN devices, FDB entries, router namespaces (rtnetlink).
-//! - [`dhcp`]: one supervised dnsmasq per network (DHCP with static leases, DNS).
-//! - [`firewall`]: security groups, anti-spoofing and gateway isolation (nftables).
+//! The host side effects are adapters in `keel_adapters`, each a narrow trait with its
+//! real implementation and a fake: `links` (bridges, VXLAN devices, FDB entries, router
+//! namespaces; rtnetlink), `dhcp` (one supervised dnsmasq per network), `firewall`
+//! (security groups, anti-spoofing, gateway isolation; nftables) and `nat`. The
+//! [`reconciler`] here turns desired state into calls on them.
 
-pub mod arp;
-pub mod dhcp;
-pub mod dnsmasq;
-pub mod fake_dhcp;
-pub mod fake_firewall;
-pub mod fake_links;
-pub mod fake_nat;
-pub mod firewall;
-pub mod links;
-pub mod nat;
-pub mod netlink;
-pub mod nf_tables;
-pub mod nft;
-pub mod nft_nat;
 pub mod reconciler;

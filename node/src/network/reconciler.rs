@@ -36,15 +36,15 @@ use keel_cluster::types::NodeId;
 use keel_cluster::{error_chain, ClusterDb};
 use tokio_util::sync::CancellationToken;
 
-use super::dhcp::{Dhcp, DhcpHost, DhcpNetwork};
-use super::firewall::{
+use keel_adapters::dhcp::{Dhcp, DhcpHost, DhcpNetwork};
+use keel_adapters::firewall::{
     Cidr, Firewall, FirewallState, NetworkPolicy, PortPolicy, Protocol, Remote, Rule,
 };
-use super::links::{
+use keel_adapters::links::{
     gateway_host_name, gateway_mac, gateway_ns_name, tap_name, uplink_addresses, uplink_ns_name,
     vxlan_name, GatewayLink, Links, MacAddr, NetworkLinks, Underlay, Uplink, TRANSIT,
 };
-use super::nat::{FloatingNat, Forward, ForwardProtocol, HostNat, Nat, RouterNat};
+use keel_adapters::nat::{FloatingNat, Forward, ForwardProtocol, HostNat, Nat, RouterNat};
 
 /// DHCP lease time handed to guests. Leases are static, so this only bounds how long a
 /// guest keeps an address after its NIC was removed.
@@ -528,10 +528,10 @@ impl NetworkAdapters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::fake_dhcp::FakeDhcp;
-    use crate::network::fake_firewall::FakeFirewall;
-    use crate::network::fake_links::FakeLinks;
-    use crate::network::fake_nat::FakeNat;
+    use keel_adapters::dhcp::fake::FakeDhcp;
+    use keel_adapters::firewall::fake::FakeFirewall;
+    use keel_adapters::links::fake::FakeLinks;
+    use keel_adapters::nat::fake::FakeNat;
     use keel_cluster::model::compute::{BootSource, NicSpec, PowerIntent, VmSpec};
     use keel_cluster::model::network::{Ipv4Cidr, SecurityRule};
     use keel_cluster::model::{Health, Inventory, Nic};

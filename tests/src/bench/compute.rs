@@ -309,7 +309,7 @@ async fn wait_ops(api: &ApiClient, ops: &[String], timeout: Duration) -> Result<
                 continue;
             }
             // Just accepted: this node's replica may not have applied it yet.
-            let Ok(op) = api.get(&format!("/api/v1/operations/{id}")).await else {
+            let Ok(op) = api.get(&keel_client::paths::operation(id)).await else {
                 continue;
             };
             match op["state"].as_str() {

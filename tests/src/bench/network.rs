@@ -47,7 +47,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use keel_node::network::nf_tables;
+use keel_adapters::nf_tables;
 use keel_tests::cluster::{ApiClient, ClusterOptions, TestCluster};
 use keel_tests::standin::{StandIn, StandInSpec};
 use keel_tests::wait::{abort, millis, secs, wait_until, wait_until_blocking};
@@ -484,7 +484,7 @@ fn poll_nft(
 
 /// `POST /api/v1/security-groups/bench/rules`: allow TCP `port` from anywhere.
 async fn add_rule(api: &ApiClient, port: u16) -> Result<()> {
-    let path = format!("/api/v1/security-groups/{SG}/rules");
+    let path = keel_client::paths::security_group_rules(SG);
     let resp = api
         .request(reqwest::Method::POST, &path)
         .json(

@@ -1,6 +1,7 @@
 //! `TestCluster` itself: how it fails when the node cannot start, and a three-node cluster
 //! formed with the real `keel` binary.
 
+use keel_client::paths;
 use keel_tests::cluster::{ClusterOptions, TestCluster};
 
 #[tokio::test]
@@ -23,7 +24,7 @@ async fn a_node_that_cannot_start_fails_fast_with_its_log() {
     assert!(msg.contains("/nonexistent/keel"), "{msg}");
 }
 
-/// Needs a working `keel` (`cargo build -p keel-node`; scripts/test builds it first).
+/// Needs a working `keel` (`cargo build -p keel-cli`; scripts/test builds it first).
 #[tokio::test]
 async fn three_nodes_form_one_cluster() -> anyhow::Result<()> {
     keel_tests::skip_unless_root!(Ok(()));
@@ -45,7 +46,7 @@ async fn three_nodes_form_one_cluster() -> anyhow::Result<()> {
     for i in 0..3 {
         let api = c.api(i)?;
         api.healthz().await?;
-        let cluster = api.get("/api/v1/cluster").await?;
+        let cluster = api.get(paths::CLUSTER).await?;
         assert!(cluster.to_string().contains(&init.cluster_id), "{cluster}");
     }
     let nodes = c.nodes(0).await?;
@@ -150,12 +151,12 @@ async fn test_cluster_drives_a_stand_in_node() -> anyhow::Result<()> {
     for i in 0..3 {
         let api = c.api(i)?;
         api.healthz().await?;
-        let cluster = api.get("/api/v1/cluster").await?;
+        let cluster = api.get(paths::CLUSTER).await?;
         assert_eq!(
             cluster["cluster_id"].as_str(),
             Some(init.cluster_id.as_str())
         );
-        assert_eq!(api.anonymous().status_of("/api/v1/cluster").await?, 401);
+        assert_eq!(api.anonymous().status_of(paths::CLUSTER).await?, 401);
     }
     // A client that trusts another CA refuses the node.
     let stranger = ApiClient::new(c.api_addr(0), &foreign_ca(bin.path()), None)?;

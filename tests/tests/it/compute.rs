@@ -1,6 +1,7 @@
 //! Compute end to end: real libvirtd per namespace host, real TCG guests booted from the
 //! tiny template (`scripts/guest-images tiny`), driven through the `keel` CLI.
 
+use keel_client::paths;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -911,7 +912,7 @@ async fn console_ws(
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await?;
     let mut request =
-        format!("wss://{addr}/api/v1/vms/{vm}/console?kind={kind}").into_client_request()?;
+        format!("wss://{addr}{}", paths::vm_console(vm, kind)).into_client_request()?;
     if let Some(t) = token {
         request
             .headers_mut()

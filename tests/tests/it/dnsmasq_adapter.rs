@@ -1,4 +1,4 @@
-//! The dnsmasq adapter (`keel_node::network::dnsmasq::Dnsmasq`) against real dnsmasq
+//! The dnsmasq adapter (`keel_adapters::dhcp::dnsmasq::Dnsmasq`) against real dnsmasq
 //! processes. Two namespaces stand in for a guest network on one host:
 //!
 //! ```text
@@ -27,9 +27,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use keel_node::network::dhcp::{Dhcp, DhcpError, DhcpHost, DhcpNetwork};
-use keel_node::network::dnsmasq::Dnsmasq;
-use keel_node::network::links::MacAddr;
+use keel_adapters::dhcp::dnsmasq::Dnsmasq;
+use keel_adapters::dhcp::{Dhcp, DhcpError, DhcpHost, DhcpNetwork};
+use keel_adapters::links::MacAddr;
 use keel_tests::cmd::{run, which};
 use keel_tests::process::{proc_stat, process_alive};
 use keel_tests::wait::{millis, secs, wait_until_blocking};

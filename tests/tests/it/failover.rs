@@ -3,6 +3,7 @@
 //! and after a restart it rejoins and catches up.
 
 use anyhow::{anyhow, Result};
+use keel_client::paths;
 use keel_tests::cluster::TestCluster;
 use keel_tests::wait::{millis, secs, wait_until};
 
@@ -18,7 +19,7 @@ async fn wait_duties_only_on(c: &TestCluster, on: usize, hosts: &[usize]) -> Res
         || async {
             let mut seen = Vec::new();
             for &i in hosts {
-                let h = c.api(i)?.get("/healthz").await?;
+                let h = c.api(i)?.get(paths::HEALTHZ).await?;
                 seen.push((i, h["duties"] == true));
             }
             if seen.iter().all(|(i, d)| *d == (*i == on)) {

@@ -1,4 +1,4 @@
-//! The nftables `Firewall` (`keel_node::network::nft::Nftables`) against real packets.
+//! The nftables `Firewall` (`keel_adapters::firewall::nft::Nftables`) against real packets.
 //! A namespace "host" gets the bridges, VXLAN ports and gateway ports of the real layout;
 //! stand-in VMs are namespaces whose veth peers sit on the bridge named like taps
 //! (`kt<mac>`), and stand-in gateways are namespaces behind `kgh<V>`. The adapter runs
@@ -22,13 +22,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use keel_node::network::firewall::{
+use keel_adapters::firewall::nft::{render, Nftables, DEFAULT_BINARY};
+use keel_adapters::firewall::{
     Cidr, Firewall, FirewallState, NetworkPolicy, PortPolicy, Protocol, Remote, Rule,
 };
-use keel_node::network::links::{
+use keel_adapters::links::{
     bridge_name, gateway_host_name, gateway_mac, tap_name, vxlan_name, MacAddr,
 };
-use keel_node::network::nft::{render, Nftables, DEFAULT_BINARY};
 use keel_tests::process::{ManagedProcess, ProcessSpec};
 use keel_tests::wait::{millis, secs, wait_until_blocking};
 use keel_tests::{Endpoint, TestNet};

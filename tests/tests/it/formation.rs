@@ -3,6 +3,7 @@
 //! token, metrics, and a write through a follower that every node reads back.
 
 use anyhow::{anyhow, Result};
+use keel_client::paths;
 use keel_tests::cluster::TestCluster;
 use keel_tests::wait::{millis, secs, wait_until};
 use keel_tests::ApiClient;
@@ -56,9 +57,9 @@ async fn three_nodes_formed_with_tokens_serve_an_authenticated_api() -> Result<(
         // The client trusts only the CA printed by init: success means the node's
         // certificate chains to it.
         let api = c.api(i)?;
-        let cluster = api.get("/api/v1/cluster").await?;
+        let cluster = api.get(paths::CLUSTER).await?;
         assert_eq!(cluster["cluster_id"], init.cluster_id.as_str(), "{cluster}");
-        let ca = api.get_text("/api/v1/ca.pem").await?;
+        let ca = api.get_text(paths::CA_PEM).await?;
         assert_eq!(ca.trim(), init.ca_pem.trim(), "ca.pem of {}", c.name(i));
         // A client trusting another CA refuses the node.
         let stranger = ApiClient::new(c.api_addr(i), &stranger_ca, Some(init.admin_token.clone()))?;
@@ -73,7 +74,7 @@ async fn three_nodes_formed_with_tokens_serve_an_authenticated_api() -> Result<(
             ("no token", api.anonymous()),
             ("a wrong token", api.with_token("not-the-admin-token")),
         ] {
-            let (status, body) = status_and_json(&client, "/api/v1/hosts").await?;
+            let (status, body) = status_and_json(&client, paths::HOSTS).await?;
             assert_eq!(status, 401, "{what} on {}: {body}", c.name(i));
             assert!(
                 body["error"]["code"].is_string() && body["error"]["message"].is_string(),
@@ -81,7 +82,7 @@ async fn three_nodes_formed_with_tokens_serve_an_authenticated_api() -> Result<(
             );
         }
         // /healthz needs no token.
-        let health = api.anonymous().get("/healthz").await?;
+        let health = api.anonymous().get(paths::HEALTHZ).await?;
         assert_eq!(health["member"], true, "{health}");
 
         // (A follower learns the last promotion a moment after the leader.)
@@ -90,7 +91,7 @@ async fn three_nodes_formed_with_tokens_serve_an_authenticated_api() -> Result<(
             secs(5),
             millis(100),
             || async {
-                let metrics = api.get_text("/metrics").await?;
+                let metrics = api.get_text(paths::METRICS).await?;
                 if metrics.lines().any(|l| l.trim() == "keel_raft_voters 3") {
                     Ok(Some(()))
                 } else {

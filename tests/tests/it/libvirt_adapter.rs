@@ -1,4 +1,4 @@
-//! The libvirt adapter (`keel_node::compute::libvirt::Libvirt`) against real libvirtd
+//! The libvirt adapter (`keel_adapters::hypervisor::libvirt::Libvirt`) against real libvirtd
 //! daemons, one per namespace host ([`LibvirtHost`]), with guests defined from
 //! `domain_xml::render`:
 //!
@@ -28,14 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use keel_node::compute::domain_xml::{
+use keel_adapters::hypervisor::domain_xml::{
     read_metadata, read_nics, render, render_nic, BootMode, DomainSpec, DomainType, KeelMetadata,
     NicAttachment,
 };
-use keel_node::compute::hypervisor::{
+use keel_adapters::hypervisor::libvirt::Libvirt;
+use keel_adapters::hypervisor::{
     ConsoleStream, DomainState, Hypervisor, HypervisorError, MigrationRequest,
 };
-use keel_node::compute::libvirt::Libvirt;
 use keel_tests::libvirt::LibvirtHost;
 use keel_tests::wait::{millis, secs, wait_until_blocking};
 use keel_tests::TestNet;

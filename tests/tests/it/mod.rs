@@ -49,12 +49,13 @@ mod tokens;
 mod voters;
 mod witness;
 
+use keel_client::paths;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use keel_node::network::links::{gateway_mac, GatewayLink, Links, NetworkLinks, Underlay};
-use keel_node::network::netlink::Netlink;
+use keel_adapters::links::netlink::Netlink;
+use keel_adapters::links::{gateway_mac, GatewayLink, Links, NetworkLinks, Underlay};
 use keel_tests::cluster::{ClusterOptions, TestCluster};
 use keel_tests::process::{ManagedProcess, ProcessSpec};
 use keel_tests::wait::{millis, wait_until};
@@ -245,7 +246,7 @@ pub fn host_named<'a>(nodes: &'a Value, name: &str) -> Result<&'a Value> {
 
 /// Every setting host `i` holds, as sorted `(key, value)` pairs, read over HTTPS.
 pub async fn settings(c: &TestCluster, i: usize) -> Result<Vec<(String, String)>> {
-    let list = c.api(i)?.get("/api/v1/settings").await?;
+    let list = c.api(i)?.get(paths::SETTINGS).await?;
     let mut out: Vec<(String, String)> = list
         .as_array()
         .ok_or_else(|| anyhow!("settings list is not an array: {list}"))?

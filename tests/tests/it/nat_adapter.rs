@@ -1,5 +1,5 @@
 //! The uplink of the netlink adapter and the nftables NAT adapter
-//! (`keel_node::network::nft_nat::NftNat`) against real packets: three namespace hosts of
+//! (`keel_adapters::nat::nft::NftNat`) against real packets: three namespace hosts of
 //! a [`TestNet`] on one bridge (10.213.S.0/24), hosts 0 and 1 running an external network
 //! 4300 (10.90.0.0/24, gateway 10.90.0.1) with their `eth0` as public device, host 2
 //! standing in for the outside world (a plain namespace with `eth0` 10.213.S.3), and
@@ -45,13 +45,13 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use keel_node::network::firewall::Cidr;
-use keel_node::network::links::{
+use keel_adapters::firewall::Cidr;
+use keel_adapters::links::netlink::{Netlink, KEEL_RTPROT};
+use keel_adapters::links::{
     uplink_addresses, uplink_host_name, uplink_ns_name, Links, NetworkLinks, Uplink, TRANSIT,
 };
-use keel_node::network::nat::{FloatingNat, Forward, ForwardProtocol, HostNat, Nat, RouterNat};
-use keel_node::network::netlink::{Netlink, KEEL_RTPROT};
-use keel_node::network::nft_nat::NftNat;
+use keel_adapters::nat::nft::NftNat;
+use keel_adapters::nat::{FloatingNat, Forward, ForwardProtocol, HostNat, Nat, RouterNat};
 use keel_tests::cmd::{run, which};
 use keel_tests::standin::{self, in_netns, StandIn, StandInSpec};
 use keel_tests::wait::{millis, secs, wait_until_blocking};

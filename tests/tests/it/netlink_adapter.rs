@@ -1,4 +1,4 @@
-//! The netlink adapter (`keel_node::network::netlink::Netlink`) against real links: three
+//! The netlink adapter (`keel_adapters::links::netlink::Netlink`) against real links: three
 //! namespace hosts of a [`TestNet`] (underlay `eth0` 10.213.S.i), one `Netlink` per host
 //! running inside that host's namespace ([`TestNet::in_host`]; the test process's own
 //! namespace never gets a guest-network link), and stand-in VMs:
@@ -34,10 +34,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use keel_node::network::links::{
+use keel_adapters::links::netlink::Netlink;
+use keel_adapters::links::{
     gateway_mac, LinkError, Links, MacAddr, NetworkLinks, NetworkLinksState,
 };
-use keel_node::network::netlink::Netlink;
 use keel_tests::cmd::run;
 
 use super::{in_router, network_links, unmount_routers};

@@ -4,6 +4,7 @@
 //! the same settings. Run twice: isolating a follower, and isolating the leader (whose
 //! old leadership must not commit anything).
 
+use keel_client::paths;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -36,7 +37,7 @@ async fn minority_cannot_commit(isolate_leader: bool) -> Result<()> {
     let (status, body) = socket_request(
         c.socket(isolated),
         "PUT",
-        "/api/v1/settings/p.minority",
+        &paths::setting("p.minority"),
         Some(&json!({"value": "lost"})),
         Duration::from_secs(20),
     )
@@ -63,7 +64,7 @@ async fn minority_cannot_commit(isolate_leader: bool) -> Result<()> {
     let other = *majority.iter().find(|i| **i != new_leader).unwrap();
     put_setting_settled(&c, other, "p.majority", "2").await?;
     for &i in &majority {
-        let status = c.api(i)?.status_of("/api/v1/settings/p.minority").await?;
+        let status = c.api(i)?.status_of(&paths::setting("p.minority")).await?;
         assert_eq!(
             status,
             404,

@@ -1,5 +1,0 @@
-//! `keel`: thin entry point over the keel-node library.
-
-fn main() -> std::process::ExitCode {
-    keel_node::main()
-}
