@@ -16,4 +16,6 @@ pub mod host;
 pub mod inventory;
 pub mod metrics;
 pub mod network;
+pub mod peer;
 pub mod service;
+pub mod wake;

@@ -17,15 +17,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::compute::console::Consoles;
+use crate::compute::host::{Bridges, ComputeHost};
 use crate::compute::images::ImageStore;
 use crate::compute::kvm_probe::ProbeGuest;
 use crate::compute::migration::libvirt_socket_of;
-use crate::compute::reconciler::ComputeHost;
-use crate::compute::transfer::{NodeHostServices, PeerTemplateSource};
+use crate::compute::transfer::PeerTemplateSource;
 use crate::config::{ConfigError, NodeConfig};
 use crate::duties::{self, DutyStatus};
 use crate::host::supervisor::{HostUnits, UnitReports};
 use crate::network::reconciler::{NetworkAdapters, NetworkHost};
+use crate::peer::NodeHostServices;
 use keel_adapters::dhcp::dnsmasq::Dnsmasq;
 use keel_adapters::firewall::nft::Nftables;
 use keel_adapters::hypervisor::domain_xml::DomainType;
@@ -287,7 +288,10 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         }
     });
 
-    let hypervisor_report = Arc::new(std::sync::Mutex::new(None));
+    // What the host's agents observe, on watch channels: the agent folds them into the
+    // host's inventory, and the compute side waits on the network's for a VM's bridges.
+    let (hypervisor_report, hypervisor_rx) = tokio::sync::watch::channel(None);
+    let (network_report, network_rx) = tokio::sync::watch::channel(None);
     let compute = hypervisor.clone().map(|hv| {
         Arc::new(ComputeHost {
             db: db.clone(),
@@ -295,7 +299,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
             volumes: images.clone(),
             templates: Arc::new(PeerTemplateSource::new(db.clone(), images.clone())),
             resync: Duration::from_millis(config.compute.resync_interval_ms),
-            report: hypervisor_report.clone(),
+            report: hypervisor_report,
             domain_type: DomainType::Qemu,
             incoming_streams: Default::default(),
             run_dir: config.data_dir.join("run"),
@@ -304,6 +308,7 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
                 kernel: config.compute.kvm_probe_kernel.clone(),
                 initrd: config.compute.kvm_probe_initrd.clone(),
             },
+            bridges: Bridges::new(network_rx.clone()),
             kvm: std::sync::Mutex::new(None),
         })
     });
@@ -317,7 +322,6 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         tokio::spawn(compute.run(shutdown.clone()));
     }
     // Guest networks: only hosts that run VMs build them.
-    let network_report = Arc::new(std::sync::Mutex::new(None));
     if !config.witness {
         let links = Netlink::new(config.netns_dir()).map_err(|source| ServeError::Network {
             path: config.netns_dir(),
@@ -336,15 +340,15 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
             },
             resync: Duration::from_millis(config.network.resync_interval_ms),
             status: Default::default(),
-            report: network_report.clone(),
+            report: network_report,
         });
         tokio::spawn(network.run(shutdown.clone()));
     }
     tokio::spawn(agent(
         db.clone(),
         config.clone(),
-        hypervisor_report,
-        network_report,
+        hypervisor_rx,
+        network_rx,
         host_units,
         shutdown.clone(),
     ));
@@ -564,8 +568,8 @@ async fn give_configured_roles(db: &ClusterDb, config: &NodeConfig, node_id: u64
 async fn agent(
     db: ClusterDb,
     config: NodeConfig,
-    hypervisor: Arc<std::sync::Mutex<Option<HypervisorReport>>>,
-    network: Arc<std::sync::Mutex<Option<keel_cluster::model::NetworkReport>>>,
+    hypervisor: tokio::sync::watch::Receiver<Option<HypervisorReport>>,
+    network: tokio::sync::watch::Receiver<Option<keel_cluster::model::NetworkReport>>,
     host_units: Option<tokio::sync::watch::Receiver<UnitReports>>,
     stop: CancellationToken,
 ) {
@@ -592,14 +596,8 @@ async fn agent(
         if !roles_given {
             roles_given = give_configured_roles(&db, &config, node_id).await;
         }
-        let hv_report = hypervisor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let net_report = network
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let hv_report = hypervisor.borrow().clone();
+        let net_report = network.borrow().clone();
         let units_report = host_units.as_ref().and_then(|rx| rx.borrow().clone());
         // A change of the hypervisor's availability matters to placement at once, a
         // network or host unit problem to the operator; the rest of the inventory is

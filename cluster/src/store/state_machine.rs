@@ -115,6 +115,16 @@ impl StateReader {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        self.read_with(|conn| f(conn).map_err(|e| self.sqlite_error(e)))
+    }
+
+    /// [`read`](Self::read) for a closure with an error type of its own (a model
+    /// function's `CommandError`, say): its errors come back as they are, and a failure of
+    /// the read transaction itself as `E::from(StoreError)`.
+    pub fn read_with<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
+    ) -> Result<T, E> {
         // A panic inside an earlier closure poisons the mutex but cannot have left a write
         // half-done (the connection is read-only and its transaction rolled back on unwind),
         // so the connection is still good.
@@ -123,16 +133,19 @@ impl StateReader {
             .conn
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let err = |source| StoreError::Sqlite {
+        let tx = conn.transaction().map_err(|e| self.sqlite_error(e))?;
+        let value = f(&tx)?;
+        // Ending a read transaction cannot lose anything; dropping it would do the same.
+        tx.rollback().map_err(|e| self.sqlite_error(e))?;
+        Ok(value)
+    }
+
+    fn sqlite_error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
             path: self.inner.path.clone(),
             op: "reading the cluster state",
             source,
-        };
-        let tx = conn.transaction().map_err(err)?;
-        let value = f(&tx).map_err(err)?;
-        // Ending a read transaction cannot lose anything; dropping it would do the same.
-        tx.rollback().map_err(err)?;
-        Ok(value)
+        }
     }
 
     /// Last applied log id; changes after every apply or snapshot install (reconcilers watch it).

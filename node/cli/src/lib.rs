@@ -65,11 +65,13 @@ pub enum Cmd {
     /// Floating IPs: public addresses NATed to VMs on external networks.
     #[command(subcommand)]
     Fip(floating::FipCmd),
-    /// Tools for benchmarks and diagnosis.
+    /// Tools for benchmarks (built with the `bench` feature only).
+    #[cfg(feature = "bench")]
     #[command(subcommand, hide = true)]
     Debug(DebugCmd),
 }
 
+#[cfg(feature = "bench")]
 #[derive(Debug, Subcommand)]
 pub enum DebugCmd {
     /// Time writes proposed straight to raft inside the node service (no HTTP, no TLS).
@@ -330,6 +332,7 @@ pub async fn run_client(socket: PathBuf, output: Output, command: Cmd) -> anyhow
         Cmd::Fip(cmd) => floating::run(&client, output, cmd).await,
         Cmd::Op(cmd) => compute::run_op(&client, output, cmd).await,
         Cmd::Template(cmd) => compute::run_template(&client, output, cmd).await,
+        #[cfg(feature = "bench")]
         Cmd::Debug(DebugCmd::BenchRaft { count, concurrency }) => {
             let reply = client
                 .bench_raft(&RaftBenchRequest { count, concurrency })

@@ -8,6 +8,8 @@
 //!
 //! Handlers translate, never decide: parse → typed command → `ClusterDb` → map the error.
 
+#[cfg(feature = "bench")]
+mod bench;
 pub mod console;
 pub mod error;
 pub mod extract;
@@ -178,11 +180,13 @@ pub fn https_router(state: AppState) -> Router {
 
 /// The router for the admin socket.
 pub fn local_router(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(handlers::healthz))
         .route("/local/v1/init", post(handlers::local_init))
-        .route("/local/v1/join", post(handlers::local_join))
-        .route("/local/v1/bench/raft", post(handlers::local_raft_bench))
+        .route("/local/v1/join", post(handlers::local_join));
+    #[cfg(feature = "bench")]
+    let router = router.route("/local/v1/bench/raft", post(bench::local_raft_bench));
+    router
         .merge(api_routes())
         .layer(Extension(Principal::LocalRoot))
         .with_state(state)

@@ -30,24 +30,6 @@ pub enum ConsoleKind {
     Vnc,
 }
 
-/// The header of a duplex stream between nodes.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "duplex", rename_all = "snake_case")]
-pub enum DuplexRequest {
-    Console {
-        vm_id: String,
-        kind: ConsoleKind,
-    },
-    /// A control connection to this host's libvirtd (live migration from another host).
-    Libvirt {},
-    /// One of the streams of a live migration to this host that it prepared: a
-    /// connection to `port` on its loopback, where qemu listens.
-    MigrationStream {
-        vm_id: String,
-        port: u16,
-    },
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
     #[error("VM {vm:?} does not exist")]
@@ -110,7 +92,7 @@ impl Consoles {
         if Some(host) == self.db.node_id() {
             return self.open_local(&vm.id, kind).await;
         }
-        let header = serde_json::to_vec(&DuplexRequest::Console {
+        let header = serde_json::to_vec(&crate::peer::protocol::DuplexRequest::Console {
             vm_id: vm.id.clone(),
             kind,
         })

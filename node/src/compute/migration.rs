@@ -36,108 +36,45 @@ use keel_cluster::db::now_ms;
 use keel_cluster::model::compute::{find_template, ComputeCommand, Vm, VmMigration};
 use keel_cluster::model::{self, Command};
 use keel_cluster::{error_chain, ClusterDb};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::reconciler::{build_domain, ComputeHost, HostFacts};
+use super::host::{build_domain, has_root_disk, ComputeHost, HostFacts, BRIDGE_WAIT};
+use crate::peer::protocol::{
+    BlobRequest, DuplexRequest, HostOp, PreparedMigration, StreamPorts, VmPresence,
+};
 use keel_adapters::hypervisor::{DomainState, MigrationRequest};
-
-/// Requests a node answers for its own host services (the `Host` peer RPC).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum HostOp {
-    /// Get ready to receive `vm_id` from `source`.
-    PrepareMigration {
-        vm_id: String,
-        source: u64,
-        live: bool,
-        /// Live: the loopback ports the source relays (migration stream, disks); the
-        /// target's qemu listens on the same ports of its own loopback.
-        #[serde(default)]
-        stream_ports: Option<StreamPorts>,
-    },
-    /// What this host has of `vm_id`.
-    VmPresence { vm_id: String },
-}
-
-/// The loopback ports of a live migration's two streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamPorts {
-    /// qemu's migration stream (memory, device state).
-    pub migration: u16,
-    /// The destination's NBD server (the disks being copied).
-    pub disks: u16,
-}
-
-impl StreamPorts {
-    fn contains(&self, port: u16) -> bool {
-        port == self.migration || port == self.disks
-    }
-}
-
-/// The target's answer to `PrepareMigration`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PreparedMigration {
-    pub dest_xml: String,
-    pub migrate_uri: String,
-    /// Where the target's qemu listens (live): loopback.
-    #[serde(default)]
-    pub listen_address: Option<String>,
-    #[serde(default)]
-    pub disks_port: Option<u16>,
-    pub disks: Vec<String>,
-}
 
 /// Where a live migration's streams meet qemu on either host: loopback only, so the
 /// only way between the hosts is the nodes' mTLS relay.
 const STREAM_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
 
-/// The target's answer to `VmPresence`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmPresence {
-    pub running: bool,
-    pub defined: bool,
-    pub disks_present: bool,
-}
-
 /// How long a target may take to prepare (a template fetch, a cold disk copy).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Answers a `Host` peer request.
-pub async fn handle_host_op(host: &Arc<ComputeHost>, json: &[u8]) -> Result<Vec<u8>, String> {
-    let op: HostOp =
-        serde_json::from_slice(json).map_err(|e| format!("malformed host request: {e}"))?;
-    let reply = match op {
-        HostOp::PrepareMigration {
-            vm_id,
-            source,
-            live,
-            stream_ports,
-        } => serde_json::to_vec(&prepare(host, &vm_id, source, live, stream_ports).await?),
-        HostOp::VmPresence { vm_id } => {
-            let uuid = Uuid::parse_str(&vm_id).map_err(|e| e.to_string())?;
-            let hv = host.hv.clone();
-            let dom = tokio::task::spawn_blocking(move || hv.lookup(uuid))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| error_chain(&e))?;
-            let disks_present = host.volumes.vm_paths(&vm_id, 0, None).root.exists();
-            serde_json::to_vec(&VmPresence {
-                running: dom
-                    .as_ref()
-                    .is_some_and(|d| d.state == DomainState::Running),
-                defined: dom.is_some(),
-                disks_present,
-            })
-        }
-    };
-    reply.map_err(|e| e.to_string())
+/// What this host has of `vm_id` (the `VmPresence` host request).
+pub async fn vm_presence(host: &ComputeHost, vm_id: &str) -> Result<VmPresence, String> {
+    let uuid = Uuid::parse_str(vm_id).map_err(|e| e.to_string())?;
+    let hv = host.hv.clone();
+    let dom = tokio::task::spawn_blocking(move || hv.lookup(uuid))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| error_chain(&e))?;
+    let disks_present = host.volumes.vm_paths(vm_id, 0, None).root.exists();
+    Ok(VmPresence {
+        running: dom
+            .as_ref()
+            .is_some_and(|d| d.state == DomainState::Running),
+        defined: dom.is_some(),
+        disks_present,
+    })
 }
 
-/// Target side: everything the VM needs here before the source sends it.
-async fn prepare(
+/// Target side: everything the VM needs here before the source sends it (the
+/// `PrepareMigration` host request).
+pub async fn prepare(
     host: &Arc<ComputeHost>,
     vm_id: &str,
     source: u64,
@@ -161,12 +98,11 @@ async fn prepare(
     }
     if live {
         // The incoming domain plugs its taps into the networks' bridges at once.
-        let vm2 = vm.clone();
-        tokio::task::spawn_blocking(move || {
-            super::reconciler::wait_for_bridges(&vm2, super::reconciler::BRIDGE_WAIT)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let (bridges, vm2) = (host.bridges.clone(), vm.clone());
+        tokio::task::spawn_blocking(move || bridges.wait(&vm2.spec.nics, BRIDGE_WAIT))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
     let template = host
         .db
@@ -190,7 +126,7 @@ async fn prepare(
             .volumes
             .vm_paths(&vm.id, vm.spec.data_disks.len(), None);
         let mut files = Vec::new();
-        if super::reconciler::has_root_disk(&vm, &template) {
+        if has_root_disk(&vm, &template) {
             files.push(paths.root.clone());
         }
         files.extend(paths.data.iter().cloned());
@@ -226,7 +162,7 @@ async fn prepare(
             .await
             .map_err(|e| e.to_string())??;
     let mut disks = Vec::new();
-    if super::reconciler::has_root_disk(&vm, &template) {
+    if has_root_disk(&vm, &template) {
         disks.push("vda".to_string());
     }
     disks.extend((0..vm.spec.data_disks.len()).map(|i| format!("vd{}", (b'c' + i as u8) as char)));
@@ -257,7 +193,7 @@ async fn pull_disk(db: &ClusterDb, source: u64, vm_id: &str, dest: &Path) -> Res
         .and_then(|f| f.to_str())
         .ok_or("bad disk path")?
         .to_string();
-    let json = serde_json::to_vec(&super::transfer::BlobRequest::VmDisk {
+    let json = serde_json::to_vec(&BlobRequest::VmDisk {
         vm_id: vm_id.into(),
         file,
     })
@@ -433,7 +369,7 @@ impl LibvirtTunnel {
             db,
             target,
             tokio_stream::wrappers::UnixListenerStream::new(listener),
-            super::console::DuplexRequest::Libvirt {},
+            DuplexRequest::Libvirt {},
         );
         Ok(Self { path, task })
     }
@@ -480,7 +416,7 @@ impl StreamRelays {
                 db,
                 target,
                 incoming,
-                super::console::DuplexRequest::MigrationStream {
+                DuplexRequest::MigrationStream {
                     vm_id: vm_id.to_string(),
                     port,
                 },
@@ -510,7 +446,7 @@ fn serve_relay<S>(
     db: &ClusterDb,
     target: u64,
     incoming: impl futures::Stream<Item = std::io::Result<S>> + Send + 'static,
-    request: super::console::DuplexRequest,
+    request: DuplexRequest,
 ) -> tokio::task::JoinHandle<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
@@ -535,7 +471,7 @@ where
 async fn relay<S>(
     db: ClusterDb,
     target: u64,
-    request: &super::console::DuplexRequest,
+    request: &DuplexRequest,
     conn: S,
 ) -> Result<(), String>
 where

@@ -5,6 +5,7 @@
 //! the image store, consoles, migration and template transfer.
 
 pub mod console;
+pub mod host;
 pub mod images;
 pub mod kvm_probe;
 pub mod migration;

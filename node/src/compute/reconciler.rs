@@ -37,55 +37,26 @@
 //! only once that host reports it running (so a VM is never lost between two hosts).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_cluster::db::now_ms;
+use keel_cluster::error_chain;
 use keel_cluster::model::compute::{
-    find_template, BootSource, ComputeCommand, ImageFormat, PowerIntent, RunState, Template, Vm,
+    find_template, ComputeCommand, PowerIntent, RunState, Template, Vm,
 };
 use keel_cluster::model::{self, Command, HypervisorReport};
 use keel_cluster::types::NodeId;
-use keel_cluster::{error_chain, ClusterDb};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::images::{DiskRequest, Volumes};
-use keel_adapters::hypervisor::domain_xml::{
-    self, BootMode, DiskAttachment, DiskBus, DiskCache, DiskDevice, DiskFormat, DomainSpec,
-    DomainType, KeelMetadata, NicAttachment, VncSpec,
-};
-use keel_adapters::hypervisor::seed::NoCloudSeed;
+use keel_adapters::hypervisor::domain_xml::{self, DomainType, KeelMetadata, NicAttachment};
 use keel_adapters::hypervisor::{DomainState, Hypervisor};
-use keel_adapters::links::{tap_name, MacAddr};
 
-/// Waits (blocking) until the bridges of the VM's guest-network NICs exist on this host:
-/// the network reconciler builds them when the VM is placed here, and libvirt cannot
-/// start a domain whose bridge is missing.
-pub fn wait_for_bridges(vm: &Vm, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    for nic in vm.spec.nics.iter().filter(|n| n.network.is_some()) {
-        let path = std::path::Path::new("/sys/class/net").join(&nic.bridge);
-        while !path.exists() {
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the bridge {} of its network is not on this host after {} s: see the host's network errors in `keel node list -o json`",
-                    nic.bridge,
-                    limit.as_secs()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    Ok(())
-}
-
-/// Fetches templates this host lacks from a host that has them.
-#[async_trait::async_trait]
-pub trait TemplateSource: Send + Sync + 'static {
-    async fn fetch(&self, template: &Template) -> Result<(), String>;
-}
+use super::host::{build_domain, nic_attachments, Bridges, ComputeHost, HostFacts, BRIDGE_WAIT};
+use super::images::Volumes;
+use crate::wake::Wakeups;
 
 /// How often a graceful stop checks whether the guest is off.
 const STOP_POLL: Duration = Duration::from_millis(250);
@@ -93,8 +64,6 @@ const STOP_POLL: Duration = Duration::from_millis(250);
 const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a graceful stop presses the ACPI power button again.
 const ACPI_REPEAT: Duration = Duration::from_secs(3);
-/// How long a start waits for the network reconciler to build a guest network's bridge.
-pub const BRIDGE_WAIT: Duration = Duration::from_secs(20);
 /// How long a NIC hot-unplug waits for the guest to release the device.
 #[cfg(not(test))]
 pub const UNPLUG_WAIT: Duration = Duration::from_secs(20);
@@ -105,31 +74,6 @@ const UNPLUG_POLL: Duration = Duration::from_millis(200);
 /// Retry delay after a failed step.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(2);
 
-/// What the host's reconciler needs; shared by the manager and every actor.
-pub struct ComputeHost {
-    pub db: ClusterDb,
-    pub hv: Arc<dyn Hypervisor>,
-    pub volumes: Arc<dyn Volumes>,
-    pub templates: Arc<dyn TemplateSource>,
-    pub resync: Duration,
-    /// The hypervisor report, refreshed by the manager; the agent folds it into the
-    /// host's inventory.
-    pub report: Arc<Mutex<Option<HypervisorReport>>>,
-    /// The domain type VMs get here.
-    pub domain_type: DomainType,
-    /// The stream ports of the live migrations this host prepared to receive, by VM id:
-    /// the only loopback ports a peer may open a migration stream to.
-    pub incoming_streams: Mutex<std::collections::HashMap<String, super::migration::StreamPorts>>,
-    /// Runtime sockets (migration tunnels).
-    pub run_dir: std::path::PathBuf,
-    /// This host's libvirtd socket, for tunnelled control connections from other hosts.
-    pub libvirt_socket: std::path::PathBuf,
-    /// The guest the KVM probe boots.
-    pub probe_guest: super::kvm_probe::ProbeGuest,
-    /// The KVM probe's verdict once it ran.
-    pub kvm: Mutex<Option<super::kvm_probe::KvmVerdict>>,
-}
-
 /// One observation of a VM, as reported through raft.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
@@ -139,13 +83,6 @@ pub struct Observation {
     pub error: Option<String>,
 }
 
-/// The facts about this host that shape a VM's domain.
-#[derive(Debug, Clone)]
-pub struct HostFacts {
-    pub node_id: NodeId,
-    pub domain_type: DomainType,
-}
-
 struct ActorHandle {
     desired: watch::Sender<Option<Vm>>,
 }
@@ -153,18 +90,10 @@ struct ActorHandle {
 impl ComputeHost {
     /// Runs the manager until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let node_id = loop {
-            if let Some(id) = self.db.node_id() {
-                break id;
-            }
-            let mut watch = self.db.membership_watch();
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = watch.changed() => {}
-            }
+        let Some((node_id, mut wakeups)) = Wakeups::when_member(&self.db, &stop).await else {
+            return;
         };
         tokio::spawn(self.clone().probe_kvm(stop.clone()));
-        let mut applied = self.db.reader().applied();
         let mut actors: HashMap<String, ActorHandle> = HashMap::new();
         let mut last_probe: Option<Instant> = None;
         let mut facts: Option<HostFacts> = None;
@@ -178,10 +107,8 @@ impl ComputeHost {
                 domain_type: DomainType::Qemu,
             });
             self.dispatch(&host_facts, &mut actors, &stop).await;
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                r = applied.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(self.resync) => {}
+            if !wakeups.next(self.resync).await {
+                break;
             }
         }
     }
@@ -275,13 +202,14 @@ impl ComputeHost {
                 }
             }
         }
-        let mut report = self
-            .report
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(r) = report.as_mut() {
-            r.unmanaged_domains = unknown.into_iter().collect();
-        }
+        self.report
+            .send_if_modified(|report| match report.as_mut() {
+                Some(r) if r.unmanaged_domains.iter().ne(unknown.iter()) => {
+                    r.unmanaged_domains = unknown.into_iter().collect();
+                    true
+                }
+                _ => false,
+            });
     }
 
     /// Runs the KVM boot probe once libvirt answers. It runs beside the reconciler (a
@@ -329,8 +257,7 @@ impl ComputeHost {
         let caps = tokio::task::spawn_blocking(move || hv.capabilities()).await;
         let previous_unmanaged = self
             .report
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .borrow()
             .as_ref()
             .map(|r| r.unmanaged_domains.clone())
             .unwrap_or_default();
@@ -380,10 +307,11 @@ impl ComputeHost {
                 ..Default::default()
             },
         };
-        *self
-            .report
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(report);
+        self.report.send_if_modified(|current| {
+            let changed = current.as_ref() != Some(&report);
+            *current = Some(report);
+            changed
+        });
         HostFacts {
             node_id,
             domain_type,
@@ -449,9 +377,10 @@ async fn actor(
                 error: Some(error),
             },
             None => {
-                let (hv, volumes, facts2, vm2) = (
+                let (hv, volumes, bridges, facts2, vm2) = (
                     host.hv.clone(),
                     host.volumes.clone(),
+                    host.bridges.clone(),
                     facts.clone(),
                     vm.clone(),
                 );
@@ -460,6 +389,7 @@ async fn actor(
                     let obs = converge(
                         hv.as_ref(),
                         volumes.as_ref(),
+                        &bridges,
                         &facts2,
                         &vm2,
                         template.as_ref(),
@@ -544,15 +474,11 @@ fn run_state(state: DomainState) -> RunState {
     }
 }
 
-/// The libvirt domain name of a VM: recognisable in `virsh list` and unique per host.
-pub fn domain_name(vm: &Vm) -> String {
-    format!("keel-{}", vm.name)
-}
-
 /// Brings one VM's domain to its desired state. Blocking; returns what it then observes.
 pub fn converge(
     hv: &dyn Hypervisor,
     volumes: &dyn Volumes,
+    bridges: &Bridges,
     facts: &HostFacts,
     vm: &Vm,
     template: Option<&Template>,
@@ -588,7 +514,7 @@ pub fn converge(
             && state == DomainState::Running
             && generation != vm.generation
         {
-            if let Some(g) = hot_plug_nics(hv, uuid, vm)? {
+            if let Some(g) = hot_plug_nics(hv, bridges, uuid, vm)? {
                 generation = g;
             }
         }
@@ -606,7 +532,9 @@ pub fn converge(
                     if state == DomainState::Crashed {
                         hv.destroy(uuid).map_err(|e| error_chain(&e))?;
                     }
-                    wait_for_bridges(vm, BRIDGE_WAIT)?;
+                    bridges
+                        .wait(&vm.spec.nics, BRIDGE_WAIT)
+                        .map_err(|e| e.to_string())?;
                     hv.start(uuid).map_err(|e| error_chain(&e))?;
                     *reboot_done = vm.reboot_seq;
                 }
@@ -680,25 +608,6 @@ fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), 
     hv.destroy(uuid).map_err(|e| error_chain(&e))
 }
 
-/// The VM's NICs as the domain carries them (a full definition and a hot-plug alike).
-pub fn nic_attachments(vm: &Vm) -> Vec<NicAttachment> {
-    vm.spec
-        .nics
-        .iter()
-        .map(|n| NicAttachment {
-            mac: n.mac.clone().unwrap_or_default().to_ascii_lowercase(),
-            bridge: n.bridge.clone(),
-            model: "virtio".into(),
-            // Taps on guest networks get a name the firewall can match on.
-            target_dev: n
-                .network
-                .as_ref()
-                .and_then(|_| n.mac.as_deref()?.parse::<MacAddr>().ok())
-                .map(tap_name),
-        })
-        .collect()
-}
-
 /// Makes a running domain's NICs match the VM's spec without a restart: attaches the NICs
 /// its live XML lacks, detaches those the spec no longer has (and waits, bounded, for the
 /// guest to release them), then records the spec generation in the domain's metadata.
@@ -706,7 +615,12 @@ pub fn nic_attachments(vm: &Vm) -> Vec<NicAttachment> {
 /// more than its NICs (vCPUs, memory): such changes wait for the domain's next start.
 /// Every step reads the live XML first, so a pass interrupted anywhere converges on the
 /// next one.
-fn hot_plug_nics(hv: &dyn Hypervisor, uuid: Uuid, vm: &Vm) -> Result<Option<u64>, String> {
+fn hot_plug_nics(
+    hv: &dyn Hypervisor,
+    bridges: &Bridges,
+    uuid: Uuid,
+    vm: &Vm,
+) -> Result<Option<u64>, String> {
     let xml = hv.xml(uuid).map_err(|e| error_chain(&e))?;
     let size = domain_xml::summarize(&xml).map_err(|e| error_chain(&e))?;
     if size.vcpus != vm.spec.vcpus || size.memory_kib != vm.spec.memory_mib * 1024 {
@@ -732,7 +646,9 @@ fn hot_plug_nics(hv: &dyn Hypervisor, uuid: Uuid, vm: &Vm) -> Result<Option<u64>
         })
         .collect();
     if !missing.is_empty() {
-        wait_for_bridges(vm, BRIDGE_WAIT)?;
+        bridges
+            .wait(&vm.spec.nics, BRIDGE_WAIT)
+            .map_err(|e| e.to_string())?;
     }
     for nic in &missing {
         let device = domain_xml::render_nic(nic).map_err(|e| error_chain(&e))?;
@@ -785,129 +701,16 @@ fn hot_plug_nics(hv: &dyn Hypervisor, uuid: Uuid, vm: &Vm) -> Result<Option<u64>
     Ok(Some(vm.generation))
 }
 
-/// Whether the VM has a root disk (`vda`): always, except a kernel boot without a root
-/// disk size.
-pub fn has_root_disk(vm: &Vm, template: &Template) -> bool {
-    template.format != ImageFormat::Kernel || vm.spec.root_disk_gib.is_some()
-}
-
-/// Creates the VM's disks and seed and renders its domain XML.
-pub fn build_domain(
-    volumes: &dyn Volumes,
-    facts: &HostFacts,
-    vm: &Vm,
-    template: &Template,
-) -> Result<String, String> {
-    let seed = NoCloudSeed {
-        instance_id: vm.id.clone(),
-        hostname: vm.name.clone(),
-        user_data: vm.spec.cloud_init.user_data.clone(),
-        ssh_authorized_keys: vm.spec.cloud_init.ssh_keys.clone(),
-        network_config: None,
-    };
-    let disks = volumes
-        .ensure_vm_disks(&DiskRequest {
-            vm_id: &vm.id,
-            template_id: &template.id,
-            template_format: template.format,
-            root_size_bytes: vm.spec.root_disk_gib.map(|g| g << 30),
-            data_disk_bytes: vm
-                .spec
-                .data_disks
-                .iter()
-                .map(|d| d.size_gib << 30)
-                .collect(),
-            seed: &seed,
-        })
-        .map_err(|e| error_chain(&e))?;
-    let disk =
-        |path: &std::path::Path, format: DiskFormat, target: &str, device: DiskDevice, ro: bool| {
-            DiskAttachment {
-                path: path.to_path_buf(),
-                format,
-                target: target.into(),
-                bus: if device == DiskDevice::Cdrom {
-                    DiskBus::Sata
-                } else {
-                    DiskBus::Virtio
-                },
-                device,
-                read_only: ro,
-                cache: DiskCache::None_,
-            }
-        };
-    let mut attachments = Vec::new();
-    if has_root_disk(vm, template) {
-        attachments.push(disk(
-            &disks.root,
-            DiskFormat::Qcow2,
-            "vda",
-            DiskDevice::Disk,
-            false,
-        ));
-    }
-    attachments.push(disk(
-        &disks.seed,
-        DiskFormat::Raw,
-        "vdb",
-        DiskDevice::Disk,
-        true,
-    ));
-    for (i, path) in disks.data.iter().enumerate() {
-        let target = format!("vd{}", (b'c' + i as u8) as char);
-        attachments.push(disk(
-            path,
-            DiskFormat::Qcow2,
-            &target,
-            DiskDevice::Disk,
-            false,
-        ));
-    }
-    if let Some(iso) = &disks.cdrom {
-        attachments.push(disk(iso, DiskFormat::Raw, "sda", DiskDevice::Cdrom, true));
-    }
-    let boot = match &vm.spec.boot {
-        BootSource::Iso { .. } => BootMode::Cdrom,
-        BootSource::Kernel {
-            initrd, cmdline, ..
-        } => BootMode::Kernel {
-            kernel: volumes.template_path(&template.id, ImageFormat::Kernel),
-            initrd: initrd
-                .as_ref()
-                .map(|id| volumes.template_path(id, ImageFormat::Initrd)),
-            cmdline: cmdline.clone(),
-        },
-        BootSource::Template { .. } => BootMode::Disk,
-    };
-    let spec = DomainSpec {
-        uuid: Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?,
-        name: domain_name(vm),
-        domain_type: facts.domain_type,
-        vcpus: vm.spec.vcpus,
-        memory_mib: vm.spec.memory_mib,
-        disks: attachments,
-        boot,
-        nics: nic_attachments(vm),
-        serial_log: Some(disks.console_log.clone()),
-        vnc: Some(VncSpec {
-            listen: std::net::IpAddr::from([127, 0, 0, 1]),
-        }),
-        metadata: KeelMetadata {
-            vm_id: vm.id.clone(),
-            generation: vm.generation,
-        },
-    };
-    domain_xml::render(&spec).map_err(|e| error_chain(&e))
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use keel_cluster::model::compute::{CloudInit, VmSpec};
+    use std::sync::Mutex;
+
+    use keel_cluster::model::compute::{BootSource, CloudInit, ImageFormat, VmSpec};
 
     use super::*;
-    use crate::compute::images::{ImageError, VmDisks};
+    use crate::compute::images::{DiskRequest, ImageError, VmDisks};
     use keel_adapters::hypervisor::fake::{FakeHypervisor, FakeOp};
 
     /// Volumes that only remember what was asked of them.
@@ -1002,7 +805,16 @@ mod tests {
     }
 
     fn step(hv: &FakeHypervisor, vols: &FakeVolumes, vm: &Vm, done: &mut u64) -> Observation {
-        converge(hv, vols, &facts(), vm, Some(&template()), done)
+        let no_networks_built = Bridges::new(tokio::sync::watch::channel(None).1);
+        converge(
+            hv,
+            vols,
+            &no_networks_built,
+            &facts(),
+            vm,
+            Some(&template()),
+            done,
+        )
     }
 
     #[test]

@@ -10,10 +10,20 @@
 use std::time::Duration;
 
 use keel_cluster::db::now_ms;
-use keel_cluster::model::compute::{candidate_hosts, ComputeCommand, Vm};
-use keel_cluster::model::{self, Command};
+use keel_cluster::model::compute::{candidate_hosts, ComputeCommand, Placement, Vm};
+use keel_cluster::model::{self, Command, CommandError};
+use keel_cluster::store::StoreError;
 use keel_cluster::{error_chain, ClusterDb};
 use tokio_util::sync::CancellationToken;
+
+/// Why a VM's placement could not be evaluated this tick.
+#[derive(Debug, thiserror::Error)]
+enum EvaluateError {
+    #[error("cannot read the cluster state")]
+    Store(#[from] StoreError),
+    #[error("the placement rules refused to evaluate it")]
+    Model(#[from] CommandError),
+}
 
 /// How long the drain waits before asking again to move a VM that could not move.
 const DRAIN_RETRY: Duration = Duration::from_secs(5);
@@ -90,15 +100,11 @@ async fn place_pending(db: &ClusterDb) {
     };
     unplaced.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
     for vm in unplaced {
-        let decision = db.reader().read(|c| {
-            candidate_hosts(c, &vm).map_err(|e| {
-                rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::other(
-                    e.to_string(),
-                )))
-            })
-        });
+        let decision = db
+            .reader()
+            .read_with(|c| Ok::<_, EvaluateError>(candidate_hosts(c, &vm)?));
         let command = match decision {
-            Ok(Ok(hosts)) => match hosts.first() {
+            Ok(Placement::Hosts(hosts)) => match hosts.first() {
                 Some(&host_id) => ComputeCommand::PlaceVm {
                     vm_id: vm.id.clone(),
                     host_id,
@@ -106,7 +112,7 @@ async fn place_pending(db: &ClusterDb) {
                 },
                 None => continue,
             },
-            Ok(Err(reason)) => {
+            Ok(Placement::Nowhere { reason }) => {
                 if vm.pending_reason.as_deref() == Some(reason.as_str()) {
                     continue;
                 }

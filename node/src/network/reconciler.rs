@@ -34,7 +34,10 @@ use keel_cluster::model::network::{
 use keel_cluster::model::{self, Host, NetworkReport};
 use keel_cluster::types::NodeId;
 use keel_cluster::{error_chain, ClusterDb};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use crate::wake::Wakeups;
 
 use keel_adapters::dhcp::{Dhcp, DhcpHost, DhcpNetwork};
 use keel_adapters::firewall::{
@@ -383,24 +386,17 @@ pub struct NetworkHost {
     pub adapters: NetworkAdapters,
     pub resync: Duration,
     pub status: Mutex<NetworkStatus>,
-    /// The outcome of the last pass for the host's inventory report (the agent sends it).
-    pub report: Arc<Mutex<Option<NetworkReport>>>,
+    /// The outcome of the last pass: the agent puts it into the host's inventory, and
+    /// the compute side waits on it for a VM's bridges before it starts the VM.
+    pub report: watch::Sender<Option<NetworkReport>>,
 }
 
 impl NetworkHost {
     /// Runs until `stop`: a pass on every raft apply (coalesced) and on a timer.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let node_id = loop {
-            if let Some(id) = self.db.node_id() {
-                break id;
-            }
-            let mut watch = self.db.membership_watch();
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = watch.changed() => {}
-            }
+        let Some((node_id, mut wakeups)) = Wakeups::when_member(&self.db, &stop).await else {
+            return;
         };
-        let mut applied = self.db.reader().applied();
         let mut last_plan: Option<HostPlan> = None;
         let mut last_full = Instant::now();
         loop {
@@ -431,11 +427,15 @@ impl NetworkHost {
                             } else {
                                 last_plan = Some(p);
                             }
-                            *self.report.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(NetworkReport {
-                                    vnis: status.networks.clone(),
-                                    errors: status.errors.clone(),
-                                });
+                            let report = NetworkReport {
+                                vnis: status.networks.clone(),
+                                errors: status.errors.clone(),
+                            };
+                            self.report.send_if_modified(|current| {
+                                let changed = current.as_ref() != Some(&report);
+                                *current = Some(report);
+                                changed
+                            });
                             *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
                         }
                         Err(e) => tracing::error!(error = %e, "network: pass panicked"),
@@ -450,10 +450,8 @@ impl NetworkHost {
             } else {
                 self.resync
             };
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                r = applied.changed() => if r.is_err() { break },
-                _ = tokio::time::sleep(retry) => {}
+            if !wakeups.next(retry).await {
+                break;
             }
         }
     }

@@ -860,14 +860,11 @@ fn place_vm(
         return Ok(Outcome::Unchanged);
     }
     require_host(conn, host_id)?;
-    match candidate_hosts(conn, &vm)? {
-        Ok(hosts) if hosts.contains(&host_id) => {}
-        Ok(_) | Err(_) => {
-            return Err(CommandError::VmState {
-                vm: vm.name.clone(),
-                reason: format!("host {host_id} no longer fits it"),
-            })
-        }
+    if !candidate_hosts(conn, &vm)?.allows(host_id) {
+        return Err(CommandError::VmState {
+            vm: vm.name.clone(),
+            reason: format!("host {host_id} no longer fits it"),
+        });
     }
     vm.host = Some(host_id);
     vm.pending_reason = None;
@@ -1073,18 +1070,19 @@ fn migrate_vm(
                 format!("the VM already runs on host {t}"),
             ))
         }
-        (Some(t), Ok(hosts)) if hosts.contains(t) => *t,
-        (Some(t), _) => {
+        (Some(t), candidates) if candidates.allows(*t) => *t,
+        (Some(t), candidates) => {
             require_host(conn, *t)?;
-            let why = candidate_hosts(conn, &vm)?
-                .err()
-                .unwrap_or_else(|| "it does not pass the placement filters".into());
+            let why = match candidates {
+                Placement::Nowhere { reason } => reason,
+                Placement::Hosts(_) => "it does not pass the placement filters".into(),
+            };
             return Err(CommandError::VmState {
                 vm: vm.name.clone(),
                 reason: format!("host {t} cannot take it: {why}"),
             });
         }
-        (None, Ok(hosts)) => match hosts.into_iter().find(|h| *h != source) {
+        (None, Placement::Hosts(hosts)) => match hosts.into_iter().find(|h| *h != source) {
             Some(h) => h,
             None => {
                 return Err(CommandError::VmState {
@@ -1093,7 +1091,7 @@ fn migrate_vm(
                 })
             }
         },
-        (None, Err(why)) => {
+        (None, Placement::Nowhere { reason: why }) => {
             return Err(CommandError::VmState {
                 vm: vm.name.clone(),
                 reason: format!("no other host can take it: {why}"),

@@ -573,11 +573,23 @@ pub fn host_capacities(conn: &Connection) -> Result<Vec<HostCapacity>, CommandEr
         .collect())
 }
 
+/// Where a VM may go, as the placement filters and weigher decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// The hosts that fit it, best first.
+    Hosts(Vec<NodeId>),
+    /// No host fits; why not, for the user.
+    Nowhere { reason: String },
+}
+
+impl Placement {
+    pub fn allows(&self, host: NodeId) -> bool {
+        matches!(self, Placement::Hosts(hosts) if hosts.contains(&host))
+    }
+}
+
 /// Hosts a VM may be placed on and, if none, why not. Ordered best first by the weigher.
-pub fn candidate_hosts(
-    conn: &Connection,
-    vm: &Vm,
-) -> Result<Result<Vec<NodeId>, String>, CommandError> {
+pub fn candidate_hosts(conn: &Connection, vm: &Vm) -> Result<Placement, CommandError> {
     let settings = placement_settings(conn)?;
     let capacities = host_capacities(conn)?;
     let group = match &vm.spec.affinity_group {
@@ -643,7 +655,9 @@ pub fn candidate_hosts(
         if reasons.is_empty() {
             reasons.push("the cluster has no hosts".into());
         }
-        return Ok(Err(format!("no host fits: {}", reasons.join("; "))));
+        return Ok(Placement::Nowhere {
+            reason: format!("no host fits: {}", reasons.join("; ")),
+        });
     }
     // Weigher: the share of memory in use after placing (memory is the scarce resource
     // that cannot be overcommitted safely); spread takes the lowest, pack the highest.
@@ -660,7 +674,9 @@ pub fn candidate_hosts(
         };
         by_load.then(a.host_id.cmp(&b.host_id))
     });
-    Ok(Ok(fitting.iter().map(|c| c.host_id).collect()))
+    Ok(Placement::Hosts(
+        fitting.iter().map(|c| c.host_id).collect(),
+    ))
 }
 
 // ---- applying ---------------------------------------------------------------------------

@@ -113,7 +113,7 @@ fn place_all(conn: &Connection) {
     let vms: Vec<Vm> = list(conn).expect("list");
     for vm in vms.into_iter().filter(|v| v.host.is_none() && !v.deleting) {
         match candidate_hosts(conn, &vm).expect("candidates") {
-            Ok(hosts) => {
+            Placement::Hosts(hosts) => {
                 run(
                     conn,
                     ComputeCommand::PlaceVm {
@@ -124,7 +124,7 @@ fn place_all(conn: &Connection) {
                 )
                 .expect("place");
             }
-            Err(reason) => {
+            Placement::Nowhere { reason } => {
                 run(
                     conn,
                     ComputeCommand::SetVmPending {
