@@ -97,14 +97,30 @@ pub enum ClusterError {
     Rejected(#[from] CommandError),
     #[error("no leader committed the request within {timeout_ms} ms: a majority of voters is probably unreachable. The outcome is unknown; check `keel cluster status` and retry")]
     NoQuorum { timeout_ms: u64 },
-    #[error("the cluster database failed")]
-    Store(#[from] StoreError),
-    #[error("node-local state failed")]
-    Local(#[from] LocalError),
-    #[error("certificate handling failed")]
-    Tls(#[from] TlsError),
-    #[error("the peer transport failed")]
-    Transport(#[from] TransportError),
+    #[error("the cluster database failed while {op}")]
+    Store {
+        op: &'static str,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("node-local state failed while {op}")]
+    Local {
+        op: &'static str,
+        #[source]
+        source: Box<LocalError>,
+    },
+    #[error("certificate handling failed while {op}")]
+    Tls {
+        op: &'static str,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("the peer transport failed while {op}")]
+    Transport {
+        op: &'static str,
+        #[source]
+        source: Box<TransportError>,
+    },
     #[error("node {node_id} did not answer")]
     Peer {
         node_id: NodeId,
@@ -309,7 +325,11 @@ impl ClusterDb {
         config: ClusterDbConfig,
         peer_listener: tokio::net::TcpListener,
     ) -> Result<Self, ClusterError> {
-        let (log, sm, reader) = store::open(&config.data_dir)?;
+        let (log, sm, reader) =
+            store::open(&config.data_dir).map_err(|source| ClusterError::Store {
+                op: "opening the raft log and state machine",
+                source: Box::new(source),
+            })?;
         let files = LocalFiles::new(&config.data_dir);
         let (member_tx, _) = tokio::sync::watch::channel(None);
         let db = ClusterDb {
@@ -329,12 +349,32 @@ impl ClusterDb {
             }),
         };
         if let (Some(state), Some(identity)) = (
-            db.inner.files.load_state()?,
-            db.inner.files.load_identity()?,
+            db.inner
+                .files
+                .load_state()
+                .map_err(|source| ClusterError::Local {
+                    op: "loading this node's state",
+                    source: Box::new(source),
+                })?,
+            db.inner
+                .files
+                .load_identity()
+                .map_err(|source| ClusterError::Local {
+                    op: "loading this node's identity",
+                    source: Box::new(source),
+                })?,
         ) {
             db.start_member(state, identity).await?;
             // An init that crashed after node.json was written resumes here.
-            if let Some(pending) = db.inner.files.load_pending::<PendingInit>(PENDING_INIT)? {
+            if let Some(pending) = db
+                .inner
+                .files
+                .load_pending::<PendingInit>(PENDING_INIT)
+                .map_err(|source| ClusterError::Local {
+                    op: "loading an interrupted init",
+                    source: Box::new(source),
+                })?
+            {
                 if db.cluster_info()?.is_none() {
                     tracing::info!("resuming an interrupted cluster init");
                     let db2 = db.clone();
@@ -402,7 +442,13 @@ impl ClusterDb {
     }
 
     pub fn cluster_info(&self) -> Result<Option<ClusterInfo>, ClusterError> {
-        Ok(self.inner.reader.read(model::cluster_info)?)
+        self.inner
+            .reader
+            .read(model::cluster_info)
+            .map_err(|source| ClusterError::Store {
+                op: "reading the cluster info",
+                source: Box::new(source),
+            })
     }
 
     fn member(&self) -> Option<Arc<Member>> {
@@ -511,19 +557,39 @@ impl ClusterDb {
     pub async fn init(&self, params: InitParams) -> Result<InitOutput, ClusterError> {
         let _guard = self.inner.membership_change.lock().await;
         // A previous attempt that crashed or whose answer was lost: finish and answer it.
-        if let Some(pending) = self.inner.files.load_pending::<PendingInit>(PENDING_INIT)? {
+        if let Some(pending) = self
+            .inner
+            .files
+            .load_pending::<PendingInit>(PENDING_INIT)
+            .map_err(|source| ClusterError::Local {
+                op: "loading an interrupted init",
+                source: Box::new(source),
+            })?
+        {
             if self.member().is_none() {
                 let identity = NodeIdentity {
                     cert_chain_pem: pending.identity_cert_pem.clone(),
                     key_pem: pending.identity_key_pem.clone(),
                     ca_pem: pending.output.ca_pem.clone(),
                 };
-                self.inner.files.save_identity(&identity)?;
+                self.inner
+                    .files
+                    .save_identity(&identity)
+                    .map_err(|source| ClusterError::Local {
+                        op: "saving this node's identity",
+                        source: Box::new(source),
+                    })?;
                 let state = LocalState {
                     node_id: 1,
                     cluster_id: pending.output.cluster_id.clone(),
                 };
-                self.inner.files.save_state(&state)?;
+                self.inner
+                    .files
+                    .save_state(&state)
+                    .map_err(|source| ClusterError::Local {
+                        op: "saving this node's state",
+                        source: Box::new(source),
+                    })?;
                 self.start_member(state, identity).await?;
             }
             return self.finish_init(&pending).await;
@@ -543,10 +609,26 @@ impl ClusterDb {
         }
         let now = now_ms();
         let cluster_id = uuid::Uuid::new_v4().to_string();
-        let ca = tls::generate_ca(&params.cluster_name)?;
-        let ca_fingerprint = tls::cert_fingerprint(&ca.cert_pem)?;
-        let (key_pem, csr_pem) = tls::generate_node_key()?;
-        let cert_pem = tls::sign_node_cert(&ca, &csr_pem, 1, &self.node_ips())?;
+        let ca = tls::generate_ca(&params.cluster_name).map_err(|source| ClusterError::Tls {
+            op: "creating the cluster CA",
+            source: Box::new(source),
+        })?;
+        let ca_fingerprint =
+            tls::cert_fingerprint(&ca.cert_pem).map_err(|source| ClusterError::Tls {
+                op: "fingerprinting the cluster CA",
+                source: Box::new(source),
+            })?;
+        let (key_pem, csr_pem) = tls::generate_node_key().map_err(|source| ClusterError::Tls {
+            op: "creating this node's key",
+            source: Box::new(source),
+        })?;
+        let cert_pem =
+            tls::sign_node_cert(&ca, &csr_pem, 1, &self.node_ips()).map_err(|source| {
+                ClusterError::Tls {
+                    op: "signing this node's certificate",
+                    source: Box::new(source),
+                }
+            })?;
         let admin_token = format!("keel-admin-{}", random_hex(32));
         let output = InitOutput {
             cluster_id: cluster_id.clone(),
@@ -583,18 +665,36 @@ impl ClusterDb {
             identity_key_pem: key_pem.clone(),
             identity_cert_pem: format!("{cert_pem}{}", ca.cert_pem),
         };
-        self.inner.files.save_pending(PENDING_INIT, &pending)?;
+        self.inner
+            .files
+            .save_pending(PENDING_INIT, &pending)
+            .map_err(|source| ClusterError::Local {
+                op: "recording the init in progress",
+                source: Box::new(source),
+            })?;
         let identity = NodeIdentity {
             cert_chain_pem: pending.identity_cert_pem.clone(),
             key_pem,
             ca_pem: ca.cert_pem,
         };
-        self.inner.files.save_identity(&identity)?;
+        self.inner
+            .files
+            .save_identity(&identity)
+            .map_err(|source| ClusterError::Local {
+                op: "saving this node's identity",
+                source: Box::new(source),
+            })?;
         let state = LocalState {
             node_id: 1,
             cluster_id,
         };
-        self.inner.files.save_state(&state)?;
+        self.inner
+            .files
+            .save_state(&state)
+            .map_err(|source| ClusterError::Local {
+                op: "saving this node's state",
+                source: Box::new(source),
+            })?;
         self.start_member(state, identity).await?;
         self.finish_init(&pending).await
     }
@@ -625,7 +725,13 @@ impl ClusterDb {
                 if cluster_id == pending.output.cluster_id => {}
             Err(e) => return Err(e),
         }
-        self.inner.files.clear_pending(PENDING_INIT)?;
+        self.inner
+            .files
+            .clear_pending(PENDING_INIT)
+            .map_err(|source| ClusterError::Local {
+                op: "finishing the init",
+                source: Box::new(source),
+            })?;
         tracing::info!(cluster_id = %pending.output.cluster_id, "cluster initialised");
         Ok(pending.output.clone())
     }
@@ -672,12 +778,29 @@ impl ClusterDb {
                 node_id: m.node_id,
             });
         }
-        let pending = match self.inner.files.load_pending::<PendingJoin>(PENDING_JOIN)? {
+        let pending = match self
+            .inner
+            .files
+            .load_pending::<PendingJoin>(PENDING_JOIN)
+            .map_err(|source| ClusterError::Local {
+                op: "loading an interrupted join",
+                source: Box::new(source),
+            })? {
             Some(p) => p,
             None => {
-                let (key_pem, csr_pem) = tls::generate_node_key()?;
+                let (key_pem, csr_pem) =
+                    tls::generate_node_key().map_err(|source| ClusterError::Tls {
+                        op: "creating this node's key",
+                        source: Box::new(source),
+                    })?;
                 let p = PendingJoin { key_pem, csr_pem };
-                self.inner.files.save_pending(PENDING_JOIN, &p)?;
+                self.inner
+                    .files
+                    .save_pending(PENDING_JOIN, &p)
+                    .map_err(|source| ClusterError::Local {
+                        op: "recording the join in progress",
+                        source: Box::new(source),
+                    })?;
                 p
             }
         };
@@ -696,7 +819,11 @@ impl ClusterDb {
         let pending = self
             .inner
             .files
-            .load_pending::<PendingJoin>(PENDING_JOIN)?
+            .load_pending::<PendingJoin>(PENDING_JOIN)
+            .map_err(|source| ClusterError::Local {
+                op: "loading the join in progress",
+                source: Box::new(source),
+            })?
             .ok_or_else(|| ClusterError::Invalid {
                 detail: "no join in progress on this node".into(),
             })?;
@@ -706,15 +833,36 @@ impl ClusterDb {
             ca_pem: reply.ca_pem.clone(),
         };
         // Check the pieces fit before persisting anything.
-        tls::peer_server_config(&identity)?;
-        self.inner.files.save_identity(&identity)?;
+        tls::peer_server_config(&identity).map_err(|source| ClusterError::Tls {
+            op: "checking the certificate the cluster signed",
+            source: Box::new(source),
+        })?;
+        self.inner
+            .files
+            .save_identity(&identity)
+            .map_err(|source| ClusterError::Local {
+                op: "saving this node's identity",
+                source: Box::new(source),
+            })?;
         let state = LocalState {
             node_id: reply.node_id,
             cluster_id: reply.cluster_id.clone(),
         };
-        self.inner.files.save_state(&state)?;
+        self.inner
+            .files
+            .save_state(&state)
+            .map_err(|source| ClusterError::Local {
+                op: "saving this node's state",
+                source: Box::new(source),
+            })?;
         self.start_member(state, identity).await?;
-        self.inner.files.clear_pending(PENDING_JOIN)?;
+        self.inner
+            .files
+            .clear_pending(PENDING_JOIN)
+            .map_err(|source| ClusterError::Local {
+                op: "finishing the join",
+                source: Box::new(source),
+            })?;
         Ok(())
     }
 
@@ -1041,7 +1189,11 @@ impl ClusterDb {
                         json,
                         Duration::from_secs(1),
                     )
-                    .await?;
+                    .await
+                    .map_err(|source| ClusterError::Transport {
+                        op: "sending a heartbeat to the leader",
+                        source: Box::new(source),
+                    })?;
                 Ok(())
             }
             None => Ok(()),
@@ -1218,12 +1370,16 @@ impl ClusterDb {
 
     fn peer_of(&self, target: NodeId) -> Result<(Arc<Member>, String), ClusterError> {
         let member = self.member().ok_or(ClusterError::NotMember)?;
-        let host =
-            self.reader()
-                .read(|c| model::host(c, target))?
-                .ok_or(ClusterError::Rejected(model::CommandError::HostUnknown {
-                    host_id: target,
-                }))?;
+        let host = self
+            .reader()
+            .read(|c| model::host(c, target))
+            .map_err(|source| ClusterError::Store {
+                op: "reading the target host",
+                source: Box::new(source),
+            })?
+            .ok_or(ClusterError::Rejected(model::CommandError::HostUnknown {
+                host_id: target,
+            }))?;
         Ok((member, host.peer_addr))
     }
 

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keel_cluster::model::CommandError;
+use keel_cluster::store::StoreError;
 use keel_cluster::{error_chain, ClusterError};
 
 use keel_client::join::JoinError;
@@ -123,6 +124,17 @@ impl From<ClusterError> for ApiError {
                 error_chain(&other),
             ),
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    /// A read of the cluster state failed (the database, not the request).
+    fn from(source: StoreError) -> Self {
+        ClusterError::Store {
+            op: "reading the cluster state",
+            source: Box::new(source),
+        }
+        .into()
     }
 }
 

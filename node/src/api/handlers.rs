@@ -25,11 +25,7 @@ pub(super) fn read<T>(
     state: &AppState,
     f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
 ) -> Result<T, ApiError> {
-    state
-        .db
-        .reader()
-        .read(f)
-        .map_err(|e| ApiError::from(ClusterError::from(e)))
+    state.db.reader().read(f).map_err(ApiError::from)
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "cluster",

@@ -230,11 +230,7 @@ async fn require_bearer(
         })?;
     let digest = sha256_hex(token.as_bytes());
     drop(token);
-    let credentials = state
-        .db
-        .reader()
-        .read(model::list::<Credential>)
-        .map_err(|e| ApiError::from(keel_cluster::ClusterError::from(e)))?;
+    let credentials = state.db.reader().read(model::list::<Credential>)?;
     let found = credentials
         .into_iter()
         .find(|c| digests_equal(&c.token_sha256, &digest))
