@@ -251,7 +251,7 @@ fn vnc_port(xml: &str) -> Option<u16> {
     let mut reader = quick_xml::Reader::from_str(xml);
     loop {
         match reader.read_event() {
-            Ok(Event::Start(e)) | Ok(Event::Empty(e)) if e.name().as_ref() == b"graphics" => {
+            Ok(Event::Start(e) | Event::Empty(e)) if e.name().as_ref() == b"graphics" => {
                 let attr = |name: &[u8]| {
                     e.attributes()
                         .flatten()
