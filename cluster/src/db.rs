@@ -1107,9 +1107,8 @@ impl ClusterDb {
                 ))
             })
             .map_err(|e| failed(crate::error_chain(&e)))?;
-        let (info, ca_key) = match (info, ca_key) {
-            (Some(i), Some(k)) => (i, k),
-            _ => return Err(failed("the cluster CA is missing from the state".into())),
+        let (Some(info), Some(ca_key)) = (info, ca_key) else {
+            return Err(failed("the cluster CA is missing from the state".into()));
         };
         let ca = CaMaterial {
             cert_pem: info.ca_cert_pem.clone(),

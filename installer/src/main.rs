@@ -217,7 +217,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
         Cmd::Firstboot { config, firstboot } => {
             let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
             let r = node::firstboot(&cfg, &firstboot, Path::new(node::INIT_OUTPUT), &mut |l| {
-                println!("{l}")
+                println!("{l}");
             });
             // a node that has just joined learns the cluster's name and members once the
             // leader's log reaches it: wait for that (bounded) before showing the banner

@@ -261,7 +261,7 @@ mod tests {
         let mut host = RecordingHost::default();
         let mut lines = Vec::new();
         execute(&plan(), Path::new("/target"), &mut host, &mut |l| {
-            lines.push(l.to_string())
+            lines.push(l.to_string());
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(host.done[0].starts_with("wipefs"), "{:?}", host.done);

@@ -478,7 +478,7 @@ async fn reload_api_cert_on_membership(
                     tracing::info!("API now serves the cluster-signed certificate");
                 }
                 Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "API certificate reload failed")
+                    tracing::error!(error = %error_chain(&e), "API certificate reload failed");
                 }
             }
             return;
@@ -651,7 +651,7 @@ async fn agent(
                 last_units = units_report;
             }
             Err(e) => {
-                tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying")
+                tracing::debug!(error = %error_chain(&e), "inventory report failed; retrying");
             }
         }
     }

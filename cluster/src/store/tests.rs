@@ -78,9 +78,8 @@ fn indexes(entries: &[Entry]) -> Vec<u64> {
 /// Opens the store over a prepared file and expects a refusal that leaves the file as is.
 fn assert_refused(dir: &TempDir, file: &Path, check: impl FnOnce(&StoreError)) {
     let before = fs::read(file).expect("read before");
-    let err = match open(dir.path()) {
-        Ok(_) => panic!("{} was accepted", file.display()),
-        Err(e) => e,
+    let Err(err) = open(dir.path()) else {
+        panic!("{} was accepted", file.display())
     };
     check(&err);
     let message = err.to_string();

@@ -78,7 +78,7 @@ async fn bridge(socket: WebSocket, pipe: ConsolePipe) {
                     if to_vm.send(t.as_bytes().to_vec()).await.is_err() { break; }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => break,
             },
             data = from_vm.recv() => match data {
                 Some(Ok(bytes)) => {

@@ -238,15 +238,6 @@ pub async fn get_ca(State(state): State<AppState>) -> Result<impl IntoResponse, 
     ))
 }
 
-#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "this document")), security(("bearer" = [])))]
-pub async fn get_openapi() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        super::openapi::document_json(),
-    )
-}
-
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus text exposition")), security(("bearer" = [])))]
 pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -157,7 +157,7 @@ fn api_routes() -> Router<AppState> {
             axum::routing::delete(vms::delete_affinity_group),
         )
         .route("/api/v1/ca.pem", get(handlers::get_ca))
-        .route("/api/v1/openapi.json", get(handlers::get_openapi))
+        .route("/api/v1/openapi.json", get(openapi::get_openapi))
         .route("/metrics", get(handlers::get_metrics))
 }
 

@@ -42,7 +42,7 @@ impl Drop for RemoveOnDrop {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a partial upload")
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a partial upload");
                 }
             }
         }
@@ -306,7 +306,7 @@ fn remove_local_copy(state: &AppState, id: &str, format: ImageFormat) {
         Ok(()) => tracing::info!(path = %path.display(), "removed the template's local copy"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove the template's local copy")
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the template's local copy");
         }
     }
 }

@@ -15,20 +15,13 @@ use std::sync::Arc;
 
 use keel_cluster::model::compute::{find_vm, RunState, Vm};
 use keel_cluster::{error_chain, ClusterDb};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use keel_adapters::hypervisor::Hypervisor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ConsoleKind {
-    #[default]
-    Serial,
-    Vnc,
-}
+pub use crate::peer::protocol::ConsoleKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -258,7 +251,7 @@ fn vnc_port(xml: &str) -> Option<u16> {
     let mut reader = quick_xml::Reader::from_str(xml);
     loop {
         match reader.read_event() {
-            Ok(Event::Start(e)) | Ok(Event::Empty(e)) if e.name().as_ref() == b"graphics" => {
+            Ok(Event::Start(e) | Event::Empty(e)) if e.name().as_ref() == b"graphics" => {
                 let attr = |name: &[u8]| {
                     e.attributes()
                         .flatten()

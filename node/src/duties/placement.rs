@@ -77,10 +77,10 @@ async fn drain_hosts(
             };
             match db.write(Command::Compute { command }).await {
                 Ok(_) => {
-                    tracing::info!(vm = %vm.name, host = host.id, "drain: moving VM off the host")
+                    tracing::info!(vm = %vm.name, host = host.id, "drain: moving VM off the host");
                 }
                 Err(e) => {
-                    tracing::debug!(vm = %vm.name, error = %error_chain(&e), "drain: VM cannot move yet")
+                    tracing::debug!(vm = %vm.name, error = %error_chain(&e), "drain: VM cannot move yet");
                 }
             }
         }
@@ -138,7 +138,7 @@ async fn place_pending(db: &ClusterDb) {
                 }
             }
             Err(e) => {
-                tracing::info!(vm = %vm.name, error = %error_chain(&e), "placement: decision not committed; retrying")
+                tracing::info!(vm = %vm.name, error = %error_chain(&e), "placement: decision not committed; retrying");
             }
         }
     }

@@ -238,7 +238,7 @@ fn log_change(previous: Option<&HostUnitReport>, now: &HostUnitReport) {
     }
     match (previous.and_then(|p| p.error.as_ref()), &now.error) {
         (before, Some(error)) if before != Some(error) => {
-            tracing::warn!(unit = %now.unit, error = %error, "host unit is not running as it should")
+            tracing::warn!(unit = %now.unit, error = %error, "host unit is not running as it should");
         }
         (Some(_), None) => tracing::info!(unit = %now.unit, "host unit is fine again"),
         _ => {}

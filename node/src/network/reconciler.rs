@@ -232,7 +232,7 @@ pub fn plan(me: NodeId, input: &PlanInput, router_netns: &dyn Fn(u32) -> PathBuf
                         match r.direction {
                             Direction::Ingress => ingress.push(rule_of(r)),
                             Direction::Egress => {
-                                egress.get_or_insert_with(Vec::new).push(rule_of(r))
+                                egress.get_or_insert_with(Vec::new).push(rule_of(r));
                             }
                         }
                     }

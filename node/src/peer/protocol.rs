@@ -10,8 +10,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::compute::console::ConsoleKind;
-
 /// Requests a node answers for its own host services (the `Host` peer RPC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -64,6 +62,15 @@ pub struct VmPresence {
     pub running: bool,
     pub defined: bool,
     pub disks_present: bool,
+}
+
+/// Which console of a VM: its serial port or its screen (VNC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsoleKind {
+    #[default]
+    Serial,
+    Vnc,
 }
 
 /// The header of a duplex stream between nodes.

@@ -253,7 +253,7 @@ impl TcpServer {
                     }
                     // Polls so that `Drop` can stop it (std cannot interrupt accept()).
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10))
+                        std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(_) => return,
                 }

@@ -823,10 +823,10 @@ pub fn summarize(xml: &str) -> Result<DomainSummary, DomainXmlError> {
                         let attr = attr?;
                         match (local.as_slice(), attr.key.as_ref()) {
                             (b"vcpu", b"current") => {
-                                vcpu_current = Some(attr.unescape_value()?.into_owned())
+                                vcpu_current = Some(attr.unescape_value()?.into_owned());
                             }
                             (b"memory", b"unit") => {
-                                memory_unit = Some(attr.unescape_value()?.into_owned())
+                                memory_unit = Some(attr.unescape_value()?.into_owned());
                             }
                             _ => {}
                         }

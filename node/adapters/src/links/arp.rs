@@ -152,7 +152,7 @@ impl Announcements {
                 running.insert(ip, Repeats { stop, thread });
             }
             Err(e) => {
-                tracing::warn!(error = %e, %ip, "network: no thread for gratuitous ARP repeats")
+                tracing::warn!(error = %e, %ip, "network: no thread for gratuitous ARP repeats");
             }
         }
         Ok(())

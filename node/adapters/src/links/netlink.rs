@@ -1086,7 +1086,7 @@ impl Conn {
                 for a in &m.attributes {
                     match a {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) => {
-                            dst = Some(*v)
+                            dst = Some(*v);
                         }
                         NeighbourAttribute::Protocol(p) => protocol = u8::from(*p),
                         _ => {}
