@@ -101,10 +101,10 @@ impl Modify for BearerAuth {
     }
 }
 
+// The document's own route lives here, not with the other handlers: the document lists
+// them, so they must not need it. (A `///` comment here would become its summary.)
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
     responses((status = 200, description = "this document")), security(("bearer" = [])))]
-/// Serves the document (it lives here, not with the other handlers: the document lists
-/// them, so they must not need it).
 pub async fn get_openapi() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
