@@ -137,6 +137,34 @@ pub enum ClusterError {
     Invalid { detail: String },
 }
 
+impl ClusterError {
+    /// `map_err` helpers that say what the failing step was doing.
+    pub fn store(op: &'static str) -> impl FnOnce(StoreError) -> ClusterError {
+        move |source| ClusterError::Store {
+            op,
+            source: Box::new(source),
+        }
+    }
+    pub fn local(op: &'static str) -> impl FnOnce(LocalError) -> ClusterError {
+        move |source| ClusterError::Local {
+            op,
+            source: Box::new(source),
+        }
+    }
+    pub fn tls(op: &'static str) -> impl FnOnce(TlsError) -> ClusterError {
+        move |source| ClusterError::Tls {
+            op,
+            source: Box::new(source),
+        }
+    }
+    pub fn transport(op: &'static str) -> impl FnOnce(TransportError) -> ClusterError {
+        move |source| ClusterError::Transport {
+            op,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// Operations only the leader may carry out; followers forward them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -325,11 +353,9 @@ impl ClusterDb {
         config: ClusterDbConfig,
         peer_listener: tokio::net::TcpListener,
     ) -> Result<Self, ClusterError> {
-        let (log, sm, reader) =
-            store::open(&config.data_dir).map_err(|source| ClusterError::Store {
-                op: "opening the raft log and state machine",
-                source: Box::new(source),
-            })?;
+        let (log, sm, reader) = store::open(&config.data_dir).map_err(ClusterError::store(
+            "opening the raft log and state machine",
+        ))?;
         let files = LocalFiles::new(&config.data_dir);
         let (member_tx, _) = tokio::sync::watch::channel(None);
         let db = ClusterDb {
@@ -352,17 +378,11 @@ impl ClusterDb {
             db.inner
                 .files
                 .load_state()
-                .map_err(|source| ClusterError::Local {
-                    op: "loading this node's state",
-                    source: Box::new(source),
-                })?,
+                .map_err(ClusterError::local("loading this node's state"))?,
             db.inner
                 .files
                 .load_identity()
-                .map_err(|source| ClusterError::Local {
-                    op: "loading this node's identity",
-                    source: Box::new(source),
-                })?,
+                .map_err(ClusterError::local("loading this node's identity"))?,
         ) {
             db.start_member(state, identity).await?;
             // An init that crashed after node.json was written resumes here.
@@ -370,10 +390,7 @@ impl ClusterDb {
                 .inner
                 .files
                 .load_pending::<PendingInit>(PENDING_INIT)
-                .map_err(|source| ClusterError::Local {
-                    op: "loading an interrupted init",
-                    source: Box::new(source),
-                })?
+                .map_err(ClusterError::local("loading an interrupted init"))?
             {
                 if db.cluster_info()?.is_none() {
                     tracing::info!("resuming an interrupted cluster init");
@@ -445,10 +462,7 @@ impl ClusterDb {
         self.inner
             .reader
             .read(model::cluster_info)
-            .map_err(|source| ClusterError::Store {
-                op: "reading the cluster info",
-                source: Box::new(source),
-            })
+            .map_err(ClusterError::store("reading the cluster info"))
     }
 
     fn member(&self) -> Option<Arc<Member>> {
@@ -561,10 +575,7 @@ impl ClusterDb {
             .inner
             .files
             .load_pending::<PendingInit>(PENDING_INIT)
-            .map_err(|source| ClusterError::Local {
-                op: "loading an interrupted init",
-                source: Box::new(source),
-            })?
+            .map_err(ClusterError::local("loading an interrupted init"))?
         {
             if self.member().is_none() {
                 let identity = NodeIdentity {
@@ -575,10 +586,7 @@ impl ClusterDb {
                 self.inner
                     .files
                     .save_identity(&identity)
-                    .map_err(|source| ClusterError::Local {
-                        op: "saving this node's identity",
-                        source: Box::new(source),
-                    })?;
+                    .map_err(ClusterError::local("saving this node's identity"))?;
                 let state = LocalState {
                     node_id: 1,
                     cluster_id: pending.output.cluster_id.clone(),
@@ -586,10 +594,7 @@ impl ClusterDb {
                 self.inner
                     .files
                     .save_state(&state)
-                    .map_err(|source| ClusterError::Local {
-                        op: "saving this node's state",
-                        source: Box::new(source),
-                    })?;
+                    .map_err(ClusterError::local("saving this node's state"))?;
                 self.start_member(state, identity).await?;
             }
             return self.finish_init(&pending).await;
@@ -609,26 +614,14 @@ impl ClusterDb {
         }
         let now = now_ms();
         let cluster_id = uuid::Uuid::new_v4().to_string();
-        let ca = tls::generate_ca(&params.cluster_name).map_err(|source| ClusterError::Tls {
-            op: "creating the cluster CA",
-            source: Box::new(source),
-        })?;
-        let ca_fingerprint =
-            tls::cert_fingerprint(&ca.cert_pem).map_err(|source| ClusterError::Tls {
-                op: "fingerprinting the cluster CA",
-                source: Box::new(source),
-            })?;
-        let (key_pem, csr_pem) = tls::generate_node_key().map_err(|source| ClusterError::Tls {
-            op: "creating this node's key",
-            source: Box::new(source),
-        })?;
-        let cert_pem =
-            tls::sign_node_cert(&ca, &csr_pem, 1, &self.node_ips()).map_err(|source| {
-                ClusterError::Tls {
-                    op: "signing this node's certificate",
-                    source: Box::new(source),
-                }
-            })?;
+        let ca = tls::generate_ca(&params.cluster_name)
+            .map_err(ClusterError::tls("creating the cluster CA"))?;
+        let ca_fingerprint = tls::cert_fingerprint(&ca.cert_pem)
+            .map_err(ClusterError::tls("fingerprinting the cluster CA"))?;
+        let (key_pem, csr_pem) =
+            tls::generate_node_key().map_err(ClusterError::tls("creating this node's key"))?;
+        let cert_pem = tls::sign_node_cert(&ca, &csr_pem, 1, &self.node_ips())
+            .map_err(ClusterError::tls("signing this node's certificate"))?;
         let admin_token = format!("keel-admin-{}", random_hex(32));
         let output = InitOutput {
             cluster_id: cluster_id.clone(),
@@ -668,10 +661,7 @@ impl ClusterDb {
         self.inner
             .files
             .save_pending(PENDING_INIT, &pending)
-            .map_err(|source| ClusterError::Local {
-                op: "recording the init in progress",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("recording the init in progress"))?;
         let identity = NodeIdentity {
             cert_chain_pem: pending.identity_cert_pem.clone(),
             key_pem,
@@ -680,10 +670,7 @@ impl ClusterDb {
         self.inner
             .files
             .save_identity(&identity)
-            .map_err(|source| ClusterError::Local {
-                op: "saving this node's identity",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("saving this node's identity"))?;
         let state = LocalState {
             node_id: 1,
             cluster_id,
@@ -691,10 +678,7 @@ impl ClusterDb {
         self.inner
             .files
             .save_state(&state)
-            .map_err(|source| ClusterError::Local {
-                op: "saving this node's state",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("saving this node's state"))?;
         self.start_member(state, identity).await?;
         self.finish_init(&pending).await
     }
@@ -728,10 +712,7 @@ impl ClusterDb {
         self.inner
             .files
             .clear_pending(PENDING_INIT)
-            .map_err(|source| ClusterError::Local {
-                op: "finishing the init",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("finishing the init"))?;
         tracing::info!(cluster_id = %pending.output.cluster_id, "cluster initialised");
         Ok(pending.output.clone())
     }
@@ -782,25 +763,17 @@ impl ClusterDb {
             .inner
             .files
             .load_pending::<PendingJoin>(PENDING_JOIN)
-            .map_err(|source| ClusterError::Local {
-                op: "loading an interrupted join",
-                source: Box::new(source),
-            })? {
+            .map_err(ClusterError::local("loading an interrupted join"))?
+        {
             Some(p) => p,
             None => {
-                let (key_pem, csr_pem) =
-                    tls::generate_node_key().map_err(|source| ClusterError::Tls {
-                        op: "creating this node's key",
-                        source: Box::new(source),
-                    })?;
+                let (key_pem, csr_pem) = tls::generate_node_key()
+                    .map_err(ClusterError::tls("creating this node's key"))?;
                 let p = PendingJoin { key_pem, csr_pem };
                 self.inner
                     .files
                     .save_pending(PENDING_JOIN, &p)
-                    .map_err(|source| ClusterError::Local {
-                        op: "recording the join in progress",
-                        source: Box::new(source),
-                    })?;
+                    .map_err(ClusterError::local("recording the join in progress"))?;
                 p
             }
         };
@@ -820,10 +793,7 @@ impl ClusterDb {
             .inner
             .files
             .load_pending::<PendingJoin>(PENDING_JOIN)
-            .map_err(|source| ClusterError::Local {
-                op: "loading the join in progress",
-                source: Box::new(source),
-            })?
+            .map_err(ClusterError::local("loading the join in progress"))?
             .ok_or_else(|| ClusterError::Invalid {
                 detail: "no join in progress on this node".into(),
             })?;
@@ -833,17 +803,13 @@ impl ClusterDb {
             ca_pem: reply.ca_pem.clone(),
         };
         // Check the pieces fit before persisting anything.
-        tls::peer_server_config(&identity).map_err(|source| ClusterError::Tls {
-            op: "checking the certificate the cluster signed",
-            source: Box::new(source),
-        })?;
+        tls::peer_server_config(&identity).map_err(ClusterError::tls(
+            "checking the certificate the cluster signed",
+        ))?;
         self.inner
             .files
             .save_identity(&identity)
-            .map_err(|source| ClusterError::Local {
-                op: "saving this node's identity",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("saving this node's identity"))?;
         let state = LocalState {
             node_id: reply.node_id,
             cluster_id: reply.cluster_id.clone(),
@@ -851,18 +817,12 @@ impl ClusterDb {
         self.inner
             .files
             .save_state(&state)
-            .map_err(|source| ClusterError::Local {
-                op: "saving this node's state",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("saving this node's state"))?;
         self.start_member(state, identity).await?;
         self.inner
             .files
             .clear_pending(PENDING_JOIN)
-            .map_err(|source| ClusterError::Local {
-                op: "finishing the join",
-                source: Box::new(source),
-            })?;
+            .map_err(ClusterError::local("finishing the join"))?;
         Ok(())
     }
 
@@ -1189,10 +1149,7 @@ impl ClusterDb {
                         Duration::from_secs(1),
                     )
                     .await
-                    .map_err(|source| ClusterError::Transport {
-                        op: "sending a heartbeat to the leader",
-                        source: Box::new(source),
-                    })?;
+                    .map_err(ClusterError::transport("sending a heartbeat to the leader"))?;
                 Ok(())
             }
             None => Ok(()),
@@ -1372,10 +1329,7 @@ impl ClusterDb {
         let host = self
             .reader()
             .read(|c| model::host(c, target))
-            .map_err(|source| ClusterError::Store {
-                op: "reading the target host",
-                source: Box::new(source),
-            })?
+            .map_err(ClusterError::store("reading the target host"))?
             .ok_or(ClusterError::Rejected(model::CommandError::HostUnknown {
                 host_id: target,
             }))?;

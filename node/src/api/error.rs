@@ -130,11 +130,7 @@ impl From<ClusterError> for ApiError {
 impl From<StoreError> for ApiError {
     /// A read of the cluster state failed (the database, not the request).
     fn from(source: StoreError) -> Self {
-        ClusterError::Store {
-            op: "reading the cluster state",
-            source: Box::new(source),
-        }
-        .into()
+        ClusterError::store("reading the cluster state")(source).into()
     }
 }
 
