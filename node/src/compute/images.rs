@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use keel_cluster::model::compute::ImageFormat;
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -394,19 +393,9 @@ fn check_iso(path: &Path) -> Result<(), ImageError> {
     }
 }
 
+/// The file's SHA-256, as the client computed it before the upload.
 pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    keel_client::sha256_file(path).map_err(io(path))
 }
 
 fn set_read_only(path: &Path) -> Result<(), ImageError> {
