@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 /// Errors of the image helpers.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -445,6 +445,17 @@ impl fmt::Display for Outbound {
     }
 }
 
+/// Why a capture cannot be scanned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureError {
+    #[error("not a pcap file (too short)")]
+    TooShort,
+    #[error("not a pcap file (bad magic)")]
+    BadMagic,
+    #[error("pcap link type is not Ethernet")]
+    NotEthernet,
+}
+
 /// What a capture held.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scan {
@@ -463,15 +474,15 @@ pub fn outbound_attempts(
     guest_mac_prefix: &[u8],
     allowed_udp: &[u16],
     allowed_tcp: &[String],
-) -> Result<Scan, String> {
+) -> Result<Scan, CaptureError> {
     if capture.len() < 24 {
-        return Err("not a pcap file (too short)".into());
+        return Err(CaptureError::TooShort);
     }
     let magic = u32::from_le_bytes([capture[0], capture[1], capture[2], capture[3]]);
     let le = match magic {
         0xa1b2_c3d4 | 0xa1b2_3c4d => true,
         0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
-        _ => return Err("not a pcap file (bad magic)".into()),
+        _ => return Err(CaptureError::BadMagic),
     };
     let u32at = |b: &[u8], o: usize| -> u32 {
         let x = [b[o], b[o + 1], b[o + 2], b[o + 3]];
@@ -482,7 +493,7 @@ pub fn outbound_attempts(
         }
     };
     if u32at(capture, 20) != 1 {
-        return Err("pcap link type is not Ethernet".into());
+        return Err(CaptureError::NotEthernet);
     }
     let be16 = |b: &[u8], o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
     let mut out = Vec::new();

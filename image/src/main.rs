@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keel-image: {e}");
+            eprintln!("keel-image: {}", keel_base::error_chain(&e));
             ExitCode::FAILURE
         }
     }

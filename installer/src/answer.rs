@@ -351,7 +351,7 @@ pub fn format_problems(problems: &[Problem]) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnswerError {
-    #[error("cannot read the answer file {path}: {source}")]
+    #[error("cannot read the answer file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -83,7 +83,7 @@ impl fmt::Display for Disk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("cannot list disks in {path}: {source}")]
+    #[error("cannot list disks in {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -5,6 +5,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keel_base::error_chain;
 use keel_installer::answer::AfterInstall;
 use keel_installer::console::Console;
 use keel_installer::disk::{DiskProbe, SysfsProbe};
@@ -115,7 +116,7 @@ fn machine(
 > {
     let mut probe = SysfsProbe::new();
     probe.sys = args.sysfs.clone();
-    let disks = probe.disks().map_err(|e| e.to_string())?;
+    let disks = probe.disks().map_err(|e| error_chain(&e))?;
     let nics = SysfsNics {
         sys: args.sysfs.clone(),
     }
@@ -127,7 +128,7 @@ fn machine(
 fn resolve_on_machine(answer: &Path, args: &MachineArgs) -> Result<Resolved, String> {
     let (disks, nics) = machine(args)?;
     resolve_text(&answer.display().to_string(), &read(answer)?, &disks, &nics)
-        .map_err(|e| e.to_string())
+        .map_err(|e| error_chain(&e))
 }
 
 fn read(path: &Path) -> Result<String, String> {
@@ -143,7 +144,7 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             file_only,
         } => {
             if file_only {
-                keel_installer::Answer::from_file(&answer).map_err(|e| e.to_string())?;
+                keel_installer::Answer::from_file(&answer).map_err(|e| error_chain(&e))?;
                 println!(
                     "{}: the file is valid (this machine was not checked)",
                     answer.display()
@@ -204,28 +205,28 @@ fn run(cmd: Cmd) -> Result<ExitCode, String> {
             out,
             wait_secs,
         } => {
-            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let cfg = NodeConfig::load(&config).map_err(|e| error_chain(&e))?;
             let addr = node::management_address(&cfg, Duration::from_secs(wait_secs))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             node::write_file(&out, &node::node_env_text(&cfg, addr), 0o644)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             println!(
                 "keel-installer: management address {addr} written to {}",
                 out.display()
             );
         }
         Cmd::Firstboot { config, firstboot } => {
-            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let cfg = NodeConfig::load(&config).map_err(|e| error_chain(&e))?;
             let r = node::firstboot(&cfg, &firstboot, Path::new(node::INIT_OUTPUT), &mut |l| {
                 println!("{l}");
             });
             // a node that has just joined learns the cluster's name and members once the
             // leader's log reaches it: wait for that (bounded) before showing the banner
             banner(&cfg, FIRSTBOOT_BANNER_PATIENCE);
-            r.map_err(|e| e.to_string())?;
+            r.map_err(|e| error_chain(&e))?;
         }
         Cmd::Banner { config } => {
-            let cfg = NodeConfig::load(&config).map_err(|e| e.to_string())?;
+            let cfg = NodeConfig::load(&config).map_err(|e| error_chain(&e))?;
             banner(&cfg, Duration::ZERO);
         }
     }
@@ -265,7 +266,7 @@ fn confirm(r: &Resolved) -> Result<bool, String> {
             r.disk.path(),
             r.disk.size
         ))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     Ok(line.as_deref() == Some("yes"))
 }
 
@@ -274,7 +275,8 @@ fn install(r: &Resolved, console: &mut Console) -> Result<(), String> {
     preflight(&live)?;
     let plan = make_plan(r, &live);
     console.say(&format!("Installing Keel on {}", r.disk));
-    execute(&plan, &live.target, &mut RealHost, &mut |l| console.say(l)).map_err(|e| e.to_string())
+    execute(&plan, &live.target, &mut RealHost, &mut |l| console.say(l))
+        .map_err(|e| error_chain(&e))
 }
 
 fn after_install(after: AfterInstall, console: &mut Console) {
@@ -322,7 +324,7 @@ fn live() -> Result<ExitCode, String> {
     let r = match resolve_text(&source.to_string(), &text, &disks, &nics) {
         Ok(r) => r,
         Err(e) => {
-            for line in e.to_string().lines() {
+            for line in error_chain(&e).lines() {
                 console.say(line);
             }
             console.say(
@@ -355,15 +357,15 @@ fn tui() -> Result<ExitCode, String> {
         sysfs: "/sys".into(),
     })?;
     let mut term = StdTerminal::default();
-    let Some(answer) =
-        dialog::run(&mut term, &disks, &nics, &dialog::openssl_hash).map_err(|e| e.to_string())?
+    let Some(answer) = dialog::run(&mut term, &disks, &nics, &dialog::openssl_hash)
+        .map_err(|e| error_chain(&e))?
     else {
         println!(
             "Installer left; nothing was changed. Type 'keel-installer tui' to start it again."
         );
         return Ok(ExitCode::SUCCESS);
     };
-    let r = resolve_answer(answer, &disks, &nics).map_err(|e| e.to_string())?;
+    let r = resolve_answer(answer, &disks, &nics).map_err(|e| error_chain(&e))?;
     let lock = Path::new("/run/keel-installer.lock");
     if std::fs::OpenOptions::new()
         .write(true)

@@ -52,12 +52,12 @@ pub struct NodeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,

@@ -5,20 +5,52 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use keel_base::FileError;
 
 use crate::plan::{Action, Cmd, Plan};
 
 /// Where actions take effect.
 pub trait Host {
-    fn run(&mut self, cmd: &Cmd) -> Result<(), String>;
-    fn write(&mut self, path: &Path, contents: &str, mode: u32) -> Result<(), String>;
-    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<(), String>;
-    fn remove(&mut self, path: &Path) -> Result<(), String>;
+    fn run(&mut self, cmd: &Cmd) -> Result<(), HostError>;
+    fn write(&mut self, path: &Path, contents: &str, mode: u32) -> Result<(), HostError>;
+    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<(), HostError>;
+    fn remove(&mut self, path: &Path) -> Result<(), HostError>;
     fn exists(&self, path: &Path) -> bool;
     fn sleep(&mut self, d: Duration);
+}
+
+/// Why an action failed on the host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot feed {program}")]
+    Feed {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} did not finish")]
+    Wait {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command ran and failed; `output` is the tail of what it printed.
+    #[error("{status} ({output})")]
+    Failed { status: String, output: String },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{} did not appear within {seconds} s", .path.display())]
+    Timeout { path: PathBuf, seconds: u64 },
 }
 
 /// The real machine.
@@ -26,7 +58,7 @@ pub trait Host {
 pub struct RealHost;
 
 impl Host for RealHost {
-    fn run(&mut self, cmd: &Cmd) -> Result<(), String> {
+    fn run(&mut self, cmd: &Cmd) -> Result<(), HostError> {
         let mut child = Command::new(&cmd.program)
             .args(&cmd.args)
             .stdin(if cmd.stdin.is_some() {
@@ -37,15 +69,22 @@ impl Host for RealHost {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", cmd.program))?;
+            .map_err(|source| HostError::Spawn {
+                program: cmd.program.clone(),
+                source,
+            })?;
         if let (Some(secret), Some(mut stdin)) = (&cmd.stdin, child.stdin.take()) {
             stdin
                 .write_all(secret.expose().as_bytes())
-                .map_err(|e| format!("cannot feed {}: {e}", cmd.program))?;
+                .map_err(|source| HostError::Feed {
+                    program: cmd.program.clone(),
+                    source,
+                })?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("{} did not finish: {e}", cmd.program))?;
+        let out = child.wait_with_output().map_err(|source| HostError::Wait {
+            program: cmd.program.clone(),
+            source,
+        })?;
         if out.status.success() {
             return Ok(());
         }
@@ -55,12 +94,15 @@ impl Host for RealHost {
         }
         let tail: Vec<&str> = text.trim().lines().rev().take(8).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!("{} ({})", out.status, tail.join(" | ")))
+        Err(HostError::Failed {
+            status: out.status.to_string(),
+            output: tail.join(" | "),
+        })
     }
 
-    fn write(&mut self, path: &Path, contents: &str, mode: u32) -> Result<(), String> {
+    fn write(&mut self, path: &Path, contents: &str, mode: u32) -> Result<(), HostError> {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+            fs::create_dir_all(dir).map_err(FileError::on("mkdir", dir))?;
         }
         // write beside and rename: replaces a symlink (resolv.conf) instead of following it
         let tmp = path.with_extension("keel-tmp");
@@ -69,26 +111,28 @@ impl Host for RealHost {
             .create(true)
             .truncate(true)
             .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            .map_err(FileError::on("create", &tmp))?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
+            .map_err(FileError::on("chmod", &tmp))?;
         f.write_all(contents.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|()| f.sync_all())
+            .map_err(FileError::on("write", &tmp))?;
+        fs::rename(&tmp, path).map_err(FileError::on("rename into", path))?;
+        Ok(())
     }
 
-    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<(), String> {
-        fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    fn mkdir(&mut self, path: &Path, mode: u32) -> Result<(), HostError> {
+        fs::create_dir_all(path).map_err(FileError::on("mkdir", path))?;
         fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("chmod {}: {e}", path.display()))
+            .map_err(FileError::on("chmod", path))?;
+        Ok(())
     }
 
-    fn remove(&mut self, path: &Path) -> Result<(), String> {
+    fn remove(&mut self, path: &Path) -> Result<(), HostError> {
         match fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(FileError::on("remove", path)(source).into()),
         }
     }
 
@@ -110,23 +154,26 @@ pub struct RecordingHost {
 }
 
 impl Host for RecordingHost {
-    fn run(&mut self, cmd: &Cmd) -> Result<(), String> {
+    fn run(&mut self, cmd: &Cmd) -> Result<(), HostError> {
         let text = cmd.to_string();
         self.done.push(text.clone());
         match &self.fail_on {
-            Some(f) if text.contains(f.as_str()) => Err("exit status: 1 (simulated)".into()),
+            Some(f) if text.contains(f.as_str()) => Err(HostError::Failed {
+                status: "exit status: 1".into(),
+                output: "simulated".into(),
+            }),
             _ => Ok(()),
         }
     }
-    fn write(&mut self, path: &Path, _contents: &str, mode: u32) -> Result<(), String> {
+    fn write(&mut self, path: &Path, _contents: &str, mode: u32) -> Result<(), HostError> {
         self.done.push(format!("write {} {mode:o}", path.display()));
         Ok(())
     }
-    fn mkdir(&mut self, path: &Path, _mode: u32) -> Result<(), String> {
+    fn mkdir(&mut self, path: &Path, _mode: u32) -> Result<(), HostError> {
         self.done.push(format!("mkdir {}", path.display()));
         Ok(())
     }
-    fn remove(&mut self, path: &Path) -> Result<(), String> {
+    fn remove(&mut self, path: &Path) -> Result<(), HostError> {
         self.done.push(format!("rm {}", path.display()));
         Ok(())
     }
@@ -137,13 +184,14 @@ impl Host for RecordingHost {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("installation failed at step {number}/{total} ({step}):\n  {action}\n  {detail}")]
+#[error("installation failed at step {number}/{total} ({step}):\n  {action}")]
 pub struct InstallError {
     pub number: usize,
     pub total: usize,
     pub step: String,
     pub action: String,
-    pub detail: String,
+    #[source]
+    pub source: HostError,
 }
 
 fn short(action: &Action) -> String {
@@ -169,7 +217,10 @@ pub fn execute(
             let result = match &action {
                 Action::Run(cmd) => match host.run(cmd) {
                     Err(e) if cmd.allow_fail => {
-                        progress(&format!("        (tolerated) {cmd}: {e}"));
+                        progress(&format!(
+                            "        (tolerated) {cmd}: {}",
+                            keel_base::error_chain(&e)
+                        ));
                         Ok(())
                     }
                     r => r,
@@ -184,7 +235,7 @@ pub fn execute(
                 Action::Remove { path } => host.remove(path),
                 Action::WaitFor { path, seconds } => wait_for(host, path, *seconds),
             };
-            if let Err(detail) = result {
+            if let Err(source) = result {
                 let _ = host.run(&Cmd::new(
                     "umount",
                     &["--recursive", "--lazy", &target.display().to_string()],
@@ -194,7 +245,7 @@ pub fn execute(
                     total,
                     step: step.describe(),
                     action: short(&action),
-                    detail,
+                    source,
                 });
             }
         }
@@ -210,7 +261,7 @@ pub fn execute(
     Ok(())
 }
 
-fn wait_for(host: &mut dyn Host, path: &Path, seconds: u64) -> Result<(), String> {
+fn wait_for(host: &mut dyn Host, path: &Path, seconds: u64) -> Result<(), HostError> {
     for _ in 0..seconds * 4 {
         if host.exists(path) {
             return Ok(());
@@ -220,10 +271,10 @@ fn wait_for(host: &mut dyn Host, path: &Path, seconds: u64) -> Result<(), String
     if host.exists(path) {
         Ok(())
     } else {
-        Err(format!(
-            "{} did not appear within {seconds} s",
-            path.display()
-        ))
+        Err(HostError::Timeout {
+            path: path.to_path_buf(),
+            seconds,
+        })
     }
 }
 
@@ -285,7 +336,7 @@ mod tests {
         };
         let e = execute(&plan(), Path::new("/target"), &mut host, &mut |_| {}).unwrap_err();
         assert!(e.step.starts_with("Copy the system"), "{e}");
-        assert!(e.to_string().contains("simulated"), "{e}");
+        assert!(keel_base::error_chain(&e).contains("simulated"), "{e}");
         assert_eq!(
             host.done.last().map(String::as_str),
             Some("umount --recursive --lazy /target")
@@ -327,6 +378,7 @@ mod tests {
         let e = host
             .run(&Cmd::new("sh", &["-c", "echo boom >&2; exit 3"]))
             .unwrap_err();
+        let e = e.to_string();
         assert!(e.contains("boom") && e.contains('3'), "{e}");
         host.remove(&dir.path().join("missing"))
             .unwrap_or_else(|e| panic!("{e}"));

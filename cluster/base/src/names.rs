@@ -27,23 +27,37 @@ impl std::fmt::Display for MacAddr {
     }
 }
 
+/// A text that is not a MAC address (six hex pairs separated by colons).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacAddrError {
+    pub text: String,
+}
+
+impl std::fmt::Display for MacAddrError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} is not a MAC address", self.text)
+    }
+}
+
+impl std::error::Error for MacAddrError {}
+
 impl std::str::FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = MacAddrError;
+    fn from_str(s: &str) -> Result<Self, MacAddrError> {
+        let bad = || MacAddrError {
+            text: s.to_string(),
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
-            let part = parts
-                .next()
-                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+            let part = parts.next().ok_or_else(bad)?;
             if part.len() != 2 {
-                return Err(format!("{s:?} is not a MAC address"));
+                return Err(bad());
             }
-            *byte =
-                u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if parts.next().is_some() {
-            return Err(format!("{s:?} is not a MAC address"));
+            return Err(bad());
         }
         Ok(MacAddr(out))
     }

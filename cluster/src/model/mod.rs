@@ -522,10 +522,10 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), CommandError> {
 }
 
 /// A deterministic rejection of one field's value.
-pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> CommandError {
+pub(crate) fn invalid(field: &str, reason: impl std::fmt::Display) -> CommandError {
     CommandError::Invalid {
         field: field.to_string(),
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 

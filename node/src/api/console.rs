@@ -87,7 +87,7 @@ async fn bridge(socket: WebSocket, pipe: ConsolePipe) {
                 Some(Err(reason)) => {
                     let _ = sink.send(Message::Close(Some(axum::extract::ws::CloseFrame {
                         code: 1011,
-                        reason: reason.chars().take(120).collect::<String>().into(),
+                        reason: reason.to_string().chars().take(120).collect::<String>().into(),
                     }))).await;
                     break;
                 }

@@ -35,9 +35,14 @@ fn parse_ip(text: &str) -> Result<Ipv4Addr, ApiError> {
 }
 
 /// Parses a forward: `PROTO:PUBLIC:PRIVATE` (or `PROTO:PORT` for the same port).
-pub fn parse_forward(text: &str) -> Result<PortForward, String> {
+fn parse_forward(text: &str) -> Result<PortForward, CommandError> {
     let bad = || {
-        format!("{text:?} is not a port forward like tcp:8080:80 (protocol:public port:VM port) or tcp:22")
+        CommandError::Invalid {
+        field: "ports".into(),
+        reason: format!(
+            "{text:?} is not a port forward like tcp:8080:80 (protocol:public port:VM port) or tcp:22"
+        ),
+    }
     };
     let mut parts = text.split(':');
     let protocol = match parts.next() {
@@ -45,7 +50,7 @@ pub fn parse_forward(text: &str) -> Result<PortForward, String> {
         Some("udp") => ForwardProtocol::Udp,
         _ => return Err(bad()),
     };
-    let port = |p: Option<&str>| -> Result<Option<u16>, String> {
+    let port = |p: Option<&str>| -> Result<Option<u16>, CommandError> {
         p.map(|p| p.parse::<u16>().ok().filter(|n| *n > 0).ok_or_else(bad))
             .transpose()
     };
@@ -228,13 +233,7 @@ pub async fn attach_floating_ip(
         .ports
         .iter()
         .map(|p| parse_forward(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|reason| {
-            ApiError::from(CommandError::Invalid {
-                field: "ports".into(),
-                reason,
-            })
-        })?;
+        .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(%ip, vm = %req.vm, principal = ?who, "attaching floating IP");
     state
         .db

@@ -35,10 +35,10 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> ApiError {
+fn invalid(field: &str, reason: impl std::fmt::Display) -> ApiError {
     CommandError::Invalid {
         field: field.to_string(),
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
     .into()
 }

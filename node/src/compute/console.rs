@@ -37,11 +37,22 @@ pub enum ConsoleError {
     Open { vm: String, detail: String },
 }
 
+/// Why an open console stopped carrying bytes (its text is what the client is told).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleBreak {
+    /// The node that runs the VM ended the relayed console; its message says why.
+    #[error("{}", .0.message())]
+    Remote(tonic::Status),
+    /// Reading the VM's console on this node failed.
+    #[error(transparent)]
+    Read(std::io::Error),
+}
+
 /// Bytes to and from a console.
 pub struct ConsolePipe {
     pub to_vm: mpsc::Sender<Vec<u8>>,
     /// Ends (`None`) when the console closes; an `Err` says why it broke.
-    pub from_vm: mpsc::Receiver<Result<Vec<u8>, String>>,
+    pub from_vm: mpsc::Receiver<Result<Vec<u8>, ConsoleBreak>>,
 }
 
 /// Opens consoles of VMs on this node or, through the peer port, on others.
@@ -85,14 +96,11 @@ impl Consoles {
         if Some(host) == self.db.node_id() {
             return self.open_local(&vm.id, kind).await;
         }
-        let header = serde_json::to_vec(&crate::peer::protocol::DuplexRequest::Console {
+        let header = crate::peer::protocol::DuplexRequest::Console {
             vm_id: vm.id.clone(),
             kind,
-        })
-        .map_err(|e| ConsoleError::Open {
-            vm: vm.name.clone(),
-            detail: e.to_string(),
-        })?;
+        }
+        .to_json();
         let (to_vm, outbound) = mpsc::channel(16);
         let mut remote =
             self.db
@@ -113,7 +121,7 @@ impl Consoles {
                     }
                     Ok(None) => return,
                     Err(status) => {
-                        let _ = from_tx.send(Err(status.message().to_string())).await;
+                        let _ = from_tx.send(Err(ConsoleBreak::Remote(status))).await;
                         return;
                     }
                 }
@@ -161,7 +169,7 @@ impl Consoles {
                                     }
                                 }
                                 Err(e) => {
-                                    let _ = from_tx.blocking_send(Err(e.to_string()));
+                                    let _ = from_tx.blocking_send(Err(ConsoleBreak::Read(e)));
                                     return;
                                 }
                             }
@@ -198,7 +206,7 @@ impl Consoles {
                 let (rd, wr) = tcp.into_split();
                 let (to_vm, to_rx) = mpsc::channel::<Vec<u8>>(16);
                 let (from_tx, from_vm) = mpsc::channel(16);
-                relay(rd, wr, to_rx, from_tx, |e| e.to_string());
+                relay(rd, wr, to_rx, from_tx, ConsoleBreak::Read);
                 Ok(ConsolePipe { to_vm, from_vm })
             }
         }

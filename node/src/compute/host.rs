@@ -16,11 +16,11 @@ use keel_adapters::links::{tap_name, MacAddr};
 use keel_cluster::model::compute::{BootSource, ImageFormat, NicSpec, Template, Vm};
 use keel_cluster::model::{HypervisorReport, NetworkReport};
 use keel_cluster::types::NodeId;
-use keel_cluster::{error_chain, ClusterDb};
+use keel_cluster::ClusterDb;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use super::images::{DiskRequest, Volumes};
+use super::images::{DiskRequest, ImageError, Volumes};
 
 /// What the host's reconciler needs; shared by the manager and every actor.
 pub struct ComputeHost {
@@ -60,7 +60,30 @@ pub struct HostFacts {
 /// Fetches templates this host lacks from a host that has them.
 #[async_trait::async_trait]
 pub trait TemplateSource: Send + Sync + 'static {
-    async fn fetch(&self, template: &Template) -> Result<(), String>;
+    async fn fetch(&self, template: &Template) -> Result<(), super::transfer::TemplateFetchError>;
+}
+
+/// Why a VM's domain could not be built here.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainBuildError {
+    #[error("preparing the disks and the seed of VM {vm_id}")]
+    Disks {
+        vm_id: String,
+        #[source]
+        source: ImageError,
+    },
+    #[error("VM id {vm_id} is not a UUID")]
+    BadId {
+        vm_id: String,
+        #[source]
+        source: uuid::Error,
+    },
+    #[error("rendering the domain XML of VM {vm_id}")]
+    Render {
+        vm_id: String,
+        #[source]
+        source: domain_xml::DomainXmlError,
+    },
 }
 
 /// How long a start waits for the network reconciler to build a guest network's bridge.
@@ -167,7 +190,7 @@ pub fn build_domain(
     facts: &HostFacts,
     vm: &Vm,
     template: &Template,
-) -> Result<String, String> {
+) -> Result<String, DomainBuildError> {
     let seed = NoCloudSeed {
         instance_id: vm.id.clone(),
         hostname: vm.name.clone(),
@@ -189,7 +212,10 @@ pub fn build_domain(
                 .collect(),
             seed: &seed,
         })
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|source| DomainBuildError::Disks {
+            vm_id: vm.id.clone(),
+            source,
+        })?;
     let disk =
         |path: &std::path::Path, format: DiskFormat, target: &str, device: DiskDevice, ro: bool| {
             DiskAttachment {
@@ -250,7 +276,10 @@ pub fn build_domain(
         BootSource::Template { .. } => BootMode::Disk,
     };
     let spec = DomainSpec {
-        uuid: Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?,
+        uuid: Uuid::parse_str(&vm.id).map_err(|source| DomainBuildError::BadId {
+            vm_id: vm.id.clone(),
+            source,
+        })?,
         name: domain_name(vm),
         domain_type: facts.domain_type,
         vcpus: vm.spec.vcpus,
@@ -267,7 +296,10 @@ pub fn build_domain(
             generation: vm.generation,
         },
     };
-    domain_xml::render(&spec).map_err(|e| error_chain(&e))
+    domain_xml::render(&spec).map_err(|source| DomainBuildError::Render {
+        vm_id: vm.id.clone(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -32,20 +32,135 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_base::FileError;
 use keel_cluster::db::now_ms;
-use keel_cluster::model::compute::{find_template, ComputeCommand, Vm, VmMigration};
+use keel_cluster::model::compute::{find_template, ComputeCommand, Template, Vm, VmMigration};
 use keel_cluster::model::{self, Command};
-use keel_cluster::{error_chain, ClusterDb};
+use keel_cluster::store::StoreError;
+use keel_cluster::{error_chain, ClusterDb, ClusterError};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::host::{build_domain, has_root_disk, ComputeHost, HostFacts, BRIDGE_WAIT};
+use super::host::{
+    build_domain, has_root_disk, BridgeWaitError, ComputeHost, DomainBuildError, HostFacts,
+    BRIDGE_WAIT,
+};
+use super::images::ImageError;
+use super::transfer::TemplateFetchError;
 use crate::peer::protocol::{
     BlobRequest, DuplexRequest, HostOp, PreparedMigration, StreamPorts, VmPresence,
 };
-use keel_adapters::hypervisor::{DomainState, MigrationRequest};
+use keel_adapters::hypervisor::{DomainState, HypervisorError, MigrationRequest};
+
+/// Why a step of a migration failed, on either host. The source records the chain in
+/// raft when it gives up (`FinishMigration { error }`); the target answers it to the
+/// source's host request.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("a live migration needs the source's stream ports")]
+    NoStreamPorts,
+    #[error("this node is not a member of a cluster")]
+    NotMember,
+    #[error("VM {vm_id} is unknown here")]
+    UnknownVm { vm_id: String },
+    #[error("VM {vm} is not moving to this host")]
+    NotMovingHere { vm: String },
+    #[error("VM id {vm_id} is not a UUID")]
+    BadId {
+        vm_id: String,
+        #[source]
+        source: uuid::Error,
+    },
+    #[error("template {template} of the VM no longer exists")]
+    TemplateGone { template: String },
+    #[error("the VM is on neither host any more")]
+    Lost,
+    #[error("no live migration of VM {vm_id} was prepared here with stream port {port}")]
+    StreamNotPrepared { vm_id: String, port: u16 },
+    #[error("reading the cluster state")]
+    State(#[source] StoreError),
+    #[error("waiting for the VM's networks")]
+    Bridges(#[source] BridgeWaitError),
+    #[error("fetching the VM's template")]
+    Template(#[source] TemplateFetchError),
+    #[error("building the VM's domain here")]
+    Domain(#[source] DomainBuildError),
+    #[error("the VM's disks on this host")]
+    Disks(#[source] ImageError),
+    #[error("the hypervisor could not {op}")]
+    Hypervisor {
+        op: &'static str,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("a blocking task stopped")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("{op} on node {node}")]
+    Peer {
+        node: u64,
+        op: &'static str,
+        #[source]
+        source: ClusterError,
+    },
+    #[error("malformed reply from node {node}")]
+    Reply {
+        node: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("node {node} stopped sending")]
+    Stream {
+        node: u64,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{op} {address}")]
+    Socket {
+        op: &'static str,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MigrationError {
+    fn hypervisor(op: &'static str) -> impl FnOnce(HypervisorError) -> Self {
+        move |source| Self::Hypervisor { op, source }
+    }
+}
+
+fn vm_uuid(vm_id: &str) -> Result<Uuid, MigrationError> {
+    Uuid::parse_str(vm_id).map_err(|source| MigrationError::BadId {
+        vm_id: vm_id.to_string(),
+        source,
+    })
+}
+
+/// Looks a VM's domain up on this host (off the async threads: libvirt blocks).
+async fn lookup_domain(
+    host: &ComputeHost,
+    uuid: Uuid,
+) -> Result<Option<keel_adapters::hypervisor::DomainInfo>, MigrationError> {
+    let hv = host.hv.clone();
+    tokio::task::spawn_blocking(move || hv.lookup(uuid))
+        .await
+        .map_err(MigrationError::Task)?
+        .map_err(MigrationError::hypervisor("look the domain up"))
+}
+
+fn read_template(host: &ComputeHost, id: &str) -> Result<Template, MigrationError> {
+    host.db
+        .reader()
+        .read(|c| find_template(c, id))
+        .map_err(MigrationError::State)?
+        .ok_or_else(|| MigrationError::TemplateGone {
+            template: id.to_string(),
+        })
+}
 
 /// Where a live migration's streams meet qemu on either host: loopback only, so the
 /// only way between the hosts is the nodes' mTLS relay.
@@ -55,13 +170,8 @@ const STREAM_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What this host has of `vm_id` (the `VmPresence` host request).
-pub async fn vm_presence(host: &ComputeHost, vm_id: &str) -> Result<VmPresence, String> {
-    let uuid = Uuid::parse_str(vm_id).map_err(|e| e.to_string())?;
-    let hv = host.hv.clone();
-    let dom = tokio::task::spawn_blocking(move || hv.lookup(uuid))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| error_chain(&e))?;
+pub async fn vm_presence(host: &ComputeHost, vm_id: &str) -> Result<VmPresence, MigrationError> {
+    let dom = lookup_domain(host, vm_uuid(vm_id)?).await?;
     let disks_present = host.volumes.vm_paths(vm_id, 0, None).root.exists();
     Ok(VmPresence {
         running: dom
@@ -80,45 +190,40 @@ pub async fn prepare(
     source: u64,
     live: bool,
     stream_ports: Option<StreamPorts>,
-) -> Result<PreparedMigration, String> {
+) -> Result<PreparedMigration, MigrationError> {
     let ports = match (live, stream_ports) {
         (true, Some(p)) => Some(p),
-        (true, None) => return Err("a live migration needs the source's stream ports".into()),
+        (true, None) => return Err(MigrationError::NoStreamPorts),
         (false, _) => None,
     };
-    let me = host.db.node_id().ok_or("this node is not a member")?;
+    let me = host.db.node_id().ok_or(MigrationError::NotMember)?;
     let vm = host
         .db
         .reader()
         .read(|c| model::get::<Vm>(c, vm_id))
-        .map_err(|e| error_chain(&e))?
-        .ok_or_else(|| format!("VM {vm_id} is unknown here"))?;
+        .map_err(MigrationError::State)?
+        .ok_or_else(|| MigrationError::UnknownVm {
+            vm_id: vm_id.to_string(),
+        })?;
     if vm.migration.as_ref().map(|m| m.target) != Some(me) {
-        return Err(format!("VM {} is not moving to this host", vm.name));
+        return Err(MigrationError::NotMovingHere { vm: vm.name });
     }
     if live {
         // The incoming domain plugs its taps into the networks' bridges at once.
         let (bridges, vm2) = (host.bridges.clone(), vm.clone());
         tokio::task::spawn_blocking(move || bridges.wait(&vm2.spec.nics, BRIDGE_WAIT))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(MigrationError::Task)?
+            .map_err(MigrationError::Bridges)?;
     }
-    let template = host
-        .db
-        .reader()
-        .read(|c| find_template(c, vm.spec.boot.template()))
-        .map_err(|e| error_chain(&e))?
-        .ok_or("the VM's template no longer exists")?;
+    let template = read_template(host, vm.spec.boot.template())?;
     for id in vm.spec.boot.templates() {
-        let t = host
-            .db
-            .reader()
-            .read(|c| find_template(c, id))
-            .map_err(|e| error_chain(&e))?
-            .ok_or("one of the VM's templates no longer exists")?;
+        let t = read_template(host, id)?;
         if !host.volumes.has_template(&t.id, t.format) {
-            host.templates.fetch(&t).await?;
+            host.templates
+                .fetch(&t)
+                .await
+                .map_err(MigrationError::Template)?;
         }
     }
     if !live {
@@ -139,17 +244,11 @@ pub async fn prepare(
     if live {
         // Leftovers of an earlier attempt that died half-way (no domain here): start the
         // copy from fresh disks.
-        let uuid = Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?;
-        let hv = host.hv.clone();
-        let defined = tokio::task::spawn_blocking(move || hv.lookup(uuid))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| error_chain(&e))?
-            .is_some();
+        let defined = lookup_domain(host, vm_uuid(&vm.id)?).await?.is_some();
         if !defined {
             host.volumes
                 .delete_vm(&vm.id)
-                .map_err(|e| error_chain(&e))?;
+                .map_err(MigrationError::Disks)?;
         }
     }
     let facts = HostFacts {
@@ -160,7 +259,8 @@ pub async fn prepare(
     let dest_xml =
         tokio::task::spawn_blocking(move || build_domain(volumes.as_ref(), &facts, &vm2, &t2))
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(MigrationError::Task)?
+            .map_err(MigrationError::Domain)?;
     let mut disks = Vec::new();
     if has_root_disk(&vm, &template) {
         disks.push("vda".to_string());
@@ -187,43 +287,51 @@ pub async fn prepare(
 }
 
 /// Copies one of a stopped VM's disk files from `source` (cold migration).
-async fn pull_disk(db: &ClusterDb, source: u64, vm_id: &str, dest: &Path) -> Result<(), String> {
+async fn pull_disk(
+    db: &ClusterDb,
+    source: u64,
+    vm_id: &str,
+    dest: &Path,
+) -> Result<(), MigrationError> {
+    // The volume layout names every disk file; a path without one is a bug here.
     let file = dest
         .file_name()
-        .and_then(|f| f.to_str())
-        .ok_or("bad disk path")?
-        .to_string();
-    let json = serde_json::to_vec(&BlobRequest::VmDisk {
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let request = BlobRequest::VmDisk {
         vm_id: vm_id.into(),
         file,
-    })
-    .map_err(|e| e.to_string())?;
+    };
     let mut stream = db
-        .fetch_blob(source, json)
+        .fetch_blob(source, request.to_json())
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| MigrationError::Peer {
+            node: source,
+            op: "fetching a disk",
+            source: e,
+        })?;
     if let Some(dir) = dest.parent() {
         tokio::fs::create_dir_all(dir)
             .await
-            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+            .map_err(FileError::on("create", dir))?;
     }
     let part = dest.with_extension("part");
     let mut out = tokio::fs::File::create(&part)
         .await
-        .map_err(|e| format!("create {}: {e}", part.display()))?;
-    while let Some(chunk) = stream
-        .message()
-        .await
-        .map_err(|e| format!("node {source} stopped sending: {}", e.message()))?
-    {
+        .map_err(FileError::on("create", &part))?;
+    while let Some(chunk) = stream.message().await.map_err(|e| MigrationError::Stream {
+        node: source,
+        source: e,
+    })? {
         out.write_all(&chunk.data)
             .await
-            .map_err(|e| format!("write {}: {e}", part.display()))?;
+            .map_err(FileError::on("write", &part))?;
     }
-    out.sync_all().await.map_err(|e| e.to_string())?;
+    out.sync_all().await.map_err(FileError::on("sync", &part))?;
     tokio::fs::rename(&part, dest)
         .await
-        .map_err(|e| format!("rename {}: {e}", dest.display()))
+        .map_err(FileError::on("rename into place", dest))?;
+    Ok(())
 }
 
 /// Source side: carries out (or resumes) the migration recorded for `vm`, then records
@@ -231,7 +339,7 @@ async fn pull_disk(db: &ClusterDb, source: u64, vm_id: &str, dest: &Path) -> Res
 pub async fn migrate_out(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) {
     let result = run_migration(host, vm, m).await;
     if let Err(e) = &result {
-        tracing::warn!(vm = %vm.name, target = m.target, error = %e, "compute: migration failed");
+        tracing::warn!(vm = %vm.name, target = m.target, error = %error_chain(e), "compute: migration failed");
     } else {
         tracing::info!(vm = %vm.name, target = m.target, "compute: migration finished");
     }
@@ -239,7 +347,7 @@ pub async fn migrate_out(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) {
         command: ComputeCommand::FinishMigration {
             vm_id: vm.id.clone(),
             target: m.target,
-            error: result.err(),
+            error: result.err().map(|e| error_chain(&e)),
             now_ms: now_ms(),
         },
     };
@@ -253,22 +361,32 @@ async fn host_call<T: for<'de> Deserialize<'de>>(
     target: u64,
     op: &HostOp,
     timeout: Duration,
-) -> Result<T, String> {
-    let json = serde_json::to_vec(op).map_err(|e| e.to_string())?;
+) -> Result<T, MigrationError> {
+    let what = match op {
+        HostOp::PrepareMigration { .. } => "preparing the migration",
+        HostOp::VmPresence { .. } => "asking what it has of the VM",
+    };
     let reply = db
-        .host_call(target, json, timeout)
+        .host_call(target, op.to_json(), timeout)
         .await
-        .map_err(|e| error_chain(&e))?;
-    serde_json::from_slice(&reply).map_err(|e| format!("malformed reply from node {target}: {e}"))
+        .map_err(|source| MigrationError::Peer {
+            node: target,
+            op: what,
+            source,
+        })?;
+    serde_json::from_slice(&reply).map_err(|source| MigrationError::Reply {
+        node: target,
+        source,
+    })
 }
 
-async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Result<(), String> {
-    let uuid = Uuid::parse_str(&vm.id).map_err(|e| e.to_string())?;
-    let hv = host.hv.clone();
-    let here = tokio::task::spawn_blocking(move || hv.lookup(uuid))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| error_chain(&e))?;
+async fn run_migration(
+    host: &Arc<ComputeHost>,
+    vm: &Vm,
+    m: &VmMigration,
+) -> Result<(), MigrationError> {
+    let uuid = vm_uuid(&vm.id)?;
+    let here = lookup_domain(host, uuid).await?;
     if here.is_none() {
         // Resuming after a crash: did it finish?
         let there: VmPresence = host_call(
@@ -289,7 +407,7 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
             let _ = host.volumes.delete_vm(&vm.id);
             return Ok(());
         }
-        return Err("the VM is on neither host any more".into());
+        return Err(MigrationError::Lost);
     }
     // Live: the relays of the two streams listen before the target is asked, so their
     // ports are known to be free here; the target listens on the same ports.
@@ -325,21 +443,21 @@ async fn run_migration(host: &Arc<ComputeHost>, vm: &Vm, m: &VmMigration) -> Res
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || hv.migrate(uuid, &request))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(MigrationError::Task)?;
         drop(tunnel);
         drop(streams);
-        result.map_err(|e| error_chain(&e))?;
+        result.map_err(MigrationError::hypervisor("migrate the VM"))?;
         tracing::info!(vm = %vm.name, ms = started.elapsed().as_millis() as u64, "compute: live migration done");
     } else {
         let hv = host.hv.clone();
         tokio::task::spawn_blocking(move || hv.undefine(uuid))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| error_chain(&e))?;
+            .map_err(MigrationError::Task)?
+            .map_err(MigrationError::hypervisor("undefine the VM here"))?;
     }
     host.volumes
         .delete_vm(&vm.id)
-        .map_err(|e| error_chain(&e))?;
+        .map_err(MigrationError::Disks)?;
     Ok(())
 }
 
@@ -356,15 +474,15 @@ impl LibvirtTunnel {
         target: u64,
         run_dir: &Path,
         vm_id: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, MigrationError> {
         tokio::fs::create_dir_all(run_dir)
             .await
-            .map_err(|e| format!("create {}: {e}", run_dir.display()))?;
+            .map_err(FileError::on("create", run_dir))?;
         // Unix socket paths are limited to 108 bytes: keep the name short.
         let path = run_dir.join(format!("mig-{}.sock", &vm_id[..8.min(vm_id.len())]));
         let _ = tokio::fs::remove_file(&path).await;
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(|e| format!("listen on {}: {e}", path.display()))?;
+        let listener =
+            tokio::net::UnixListener::bind(&path).map_err(FileError::on("listen on", &path))?;
         let task = serve_relay(
             db,
             target,
@@ -391,17 +509,19 @@ struct StreamRelays {
 }
 
 impl StreamRelays {
-    async fn open(db: &ClusterDb, target: u64, vm_id: &str) -> Result<Self, String> {
+    async fn open(db: &ClusterDb, target: u64, vm_id: &str) -> Result<Self, MigrationError> {
         let mut ports = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..2 {
+            let socket_error = |source| MigrationError::Socket {
+                op: "listen for a migration stream on",
+                address: STREAM_ADDRESS.to_string(),
+                source,
+            };
             let listener = tokio::net::TcpListener::bind((STREAM_ADDRESS, 0))
                 .await
-                .map_err(|e| format!("listen on {STREAM_ADDRESS} for a migration stream: {e}"))?;
-            let port = listener
-                .local_addr()
-                .map_err(|e| format!("migration stream listener: {e}"))?
-                .port();
+                .map_err(socket_error)?;
+            let port = listener.local_addr().map_err(socket_error)?.port();
             ports.push(port);
             // qemu's small control writes must not wait behind Nagle.
             let incoming = futures::StreamExt::map(
@@ -459,7 +579,7 @@ where
             let (db, request) = (db.clone(), request.clone());
             tokio::spawn(async move {
                 if let Err(e) = relay(db, target, &request, conn).await {
-                    tracing::warn!(?request, error = %e, "compute: relay to node {target} failed");
+                    tracing::warn!(?request, error = %error_chain(&e), "compute: relay to node {target} failed");
                 }
             });
         }
@@ -473,16 +593,19 @@ async fn relay<S>(
     target: u64,
     request: &DuplexRequest,
     conn: S,
-) -> Result<(), String>
+) -> Result<(), MigrationError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let header = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let mut remote = db
-        .duplex(target, header, rx)
+        .duplex(target, request.to_json(), rx)
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|source| MigrationError::Peer {
+            node: target,
+            op: "opening a relayed stream",
+            source,
+        })?;
     let (mut rd, mut wr) = tokio::io::split(conn);
     let up = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
@@ -510,10 +633,10 @@ where
 pub async fn open_libvirt_socket(
     socket: &Path,
     inbound: keel_cluster::transport::DuplexInbound,
-) -> Result<keel_cluster::transport::DuplexOutbound, String> {
+) -> Result<keel_cluster::transport::DuplexOutbound, MigrationError> {
     let conn = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|e| format!("connect to libvirtd at {}: {e}", socket.display()))?;
+        .map_err(FileError::on("connect to libvirtd at", socket))?;
     let (rd, wr) = conn.into_split();
     Ok(relay_local(rd, wr, inbound))
 }
@@ -552,7 +675,7 @@ pub async fn open_migration_stream(
     vm_id: &str,
     port: u16,
     inbound: keel_cluster::transport::DuplexInbound,
-) -> Result<keel_cluster::transport::DuplexOutbound, String> {
+) -> Result<keel_cluster::transport::DuplexOutbound, MigrationError> {
     let prepared = host
         .incoming_streams
         .lock()
@@ -560,17 +683,22 @@ pub async fn open_migration_stream(
         .get(vm_id)
         .copied();
     if !prepared.is_some_and(|p| p.contains(port)) {
-        return Err(format!(
-            "no live migration of VM {vm_id} was prepared here with stream port {port}"
-        ));
+        return Err(MigrationError::StreamNotPrepared {
+            vm_id: vm_id.to_string(),
+            port,
+        });
     }
     if !moving_here(host, vm_id) {
-        return Err(format!("VM {vm_id} is not moving to this host"));
+        return Err(MigrationError::NotMovingHere {
+            vm: vm_id.to_string(),
+        });
     }
     let conn = tokio::net::TcpStream::connect((STREAM_ADDRESS, port))
         .await
-        .map_err(|e| {
-            format!("connect to the incoming migration on {STREAM_ADDRESS}:{port}: {e}")
+        .map_err(|source| MigrationError::Socket {
+            op: "connect to the incoming migration on",
+            address: format!("{STREAM_ADDRESS}:{port}"),
+            source,
         })?;
     let _ = conn.set_nodelay(true);
     tracing::info!(

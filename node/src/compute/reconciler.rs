@@ -52,10 +52,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use keel_adapters::hypervisor::domain_xml::{self, DomainType, KeelMetadata, NicAttachment};
-use keel_adapters::hypervisor::{DomainState, Hypervisor};
+use keel_adapters::hypervisor::{DomainState, Hypervisor, HypervisorError};
 
-use super::host::{build_domain, nic_attachments, Bridges, ComputeHost, HostFacts, BRIDGE_WAIT};
-use super::images::Volumes;
+use super::host::{
+    build_domain, nic_attachments, BridgeWaitError, Bridges, ComputeHost, DomainBuildError,
+    HostFacts, BRIDGE_WAIT,
+};
+use super::images::{ImageError, Volumes};
 use crate::wake::Wakeups;
 
 /// How often a graceful stop checks whether the guest is off.
@@ -364,7 +367,11 @@ async fn actor(
         for t in &needed {
             if !vm.deleting && !host.volumes.has_template(&t.id, t.format) {
                 if let Err(e) = host.templates.fetch(t).await {
-                    fetch_error = Some(format!("template {} is not available here: {e}", t.name));
+                    fetch_error = Some(format!(
+                        "template {} is not available here: {}",
+                        t.name,
+                        error_chain(&e)
+                    ));
                     break;
                 }
             }
@@ -485,15 +492,15 @@ pub fn converge(
     reboot_done: &mut u64,
 ) -> Observation {
     let mut generation = 0;
-    let result = (|| -> Result<RunState, String> {
-        let uuid = Uuid::parse_str(&vm.id).map_err(|e| format!("VM id is not a UUID: {e}"))?;
+    let result = (|| -> Result<RunState, ConvergeError> {
+        let uuid = Uuid::parse_str(&vm.id).map_err(ConvergeError::BadId)?;
         if vm.deleting {
-            hv.destroy(uuid).map_err(|e| error_chain(&e))?;
-            hv.undefine(uuid).map_err(|e| error_chain(&e))?;
-            volumes.delete_vm(&vm.id).map_err(|e| error_chain(&e))?;
+            hv.destroy(uuid)?;
+            hv.undefine(uuid)?;
+            volumes.delete_vm(&vm.id)?;
             return Ok(RunState::Absent);
         }
-        let mut dom = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+        let mut dom = hv.lookup(uuid)?;
         if let Some(d) = &dom {
             generation = defined_generation(hv, uuid);
             let _ = d;
@@ -503,11 +510,11 @@ pub fn converge(
             .is_some_and(|d| d.state == DomainState::ShutOff && generation != vm.generation);
         if dom.is_none() || stale {
             let template = template
-                .ok_or_else(|| format!("template {} no longer exists", vm.spec.boot.template()))?;
+                .ok_or_else(|| ConvergeError::TemplateGone(vm.spec.boot.template().to_string()))?;
             let xml = build_domain(volumes, facts, vm, template)?;
-            hv.define(&xml).map_err(|e| error_chain(&e))?;
+            hv.define(&xml)?;
             generation = vm.generation;
-            dom = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+            dom = hv.lookup(uuid)?;
         }
         let state = dom.map_or(DomainState::ShutOff, |d| d.state);
         if vm.power == PowerIntent::Running
@@ -522,20 +529,18 @@ pub fn converge(
             PowerIntent::Running => {
                 if vm.reboot_seq > *reboot_done && state == DomainState::Running {
                     if vm.reboot_forced {
-                        hv.reset(uuid).map_err(|e| error_chain(&e))?;
+                        hv.reset(uuid)?;
                     } else {
                         graceful_stop(hv, uuid, vm.stop_timeout_s)?;
-                        hv.start(uuid).map_err(|e| error_chain(&e))?;
+                        hv.start(uuid)?;
                     }
                     *reboot_done = vm.reboot_seq;
                 } else if matches!(state, DomainState::ShutOff | DomainState::Crashed) {
                     if state == DomainState::Crashed {
-                        hv.destroy(uuid).map_err(|e| error_chain(&e))?;
+                        hv.destroy(uuid)?;
                     }
-                    bridges
-                        .wait(&vm.spec.nics, BRIDGE_WAIT)
-                        .map_err(|e| e.to_string())?;
-                    hv.start(uuid).map_err(|e| error_chain(&e))?;
+                    bridges.wait(&vm.spec.nics, BRIDGE_WAIT)?;
+                    hv.start(uuid)?;
                     *reboot_done = vm.reboot_seq;
                 }
             }
@@ -546,7 +551,7 @@ pub fn converge(
                 *reboot_done = vm.reboot_seq;
             }
         }
-        let now = hv.lookup(uuid).map_err(|e| error_chain(&e))?;
+        let now = hv.lookup(uuid)?;
         Ok(now.map_or(RunState::Absent, |d| run_state(d.state)))
     })();
     match result {
@@ -569,10 +574,49 @@ pub fn converge(
                 state,
                 generation,
                 reboot_seq: *reboot_done,
-                error: Some(error),
+                error: Some(error_chain(&error)),
             }
         }
     }
+}
+
+/// Why a pass over one VM failed; its chain is the error the VM's observation carries.
+#[derive(Debug, thiserror::Error)]
+enum ConvergeError {
+    #[error("VM id is not a UUID")]
+    BadId(#[source] uuid::Error),
+    #[error("template {0} no longer exists")]
+    TemplateGone(String),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Disks(#[from] ImageError),
+    #[error(transparent)]
+    Domain(#[from] DomainBuildError),
+    #[error(transparent)]
+    Bridges(#[from] BridgeWaitError),
+    #[error(transparent)]
+    DomainXml(#[from] domain_xml::DomainXmlError),
+    #[error("hot-plugging NIC {mac}")]
+    HotPlug {
+        mac: String,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("NIC {mac} of the running domain")]
+    RunningNic {
+        mac: String,
+        #[source]
+        source: domain_xml::DomainXmlError,
+    },
+    #[error("hot-unplugging NIC {mac}")]
+    HotUnplug {
+        mac: String,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("the guest did not release NIC {macs} within {} s of the hot-unplug request (does it handle ACPI PCI hot-unplug?); the NIC is gone from the domain's definition and leaves the guest at its next stop", .waited.as_secs_f32())]
+    NotReleased { macs: String, waited: Duration },
 }
 
 /// The spec generation a defined domain was built from (0 when it carries no Keel
@@ -585,13 +629,13 @@ fn defined_generation(hv: &dyn Hypervisor, uuid: Uuid) -> u64 {
 }
 
 /// ACPI shutdown, wait up to `timeout_s`, then power off.
-fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), String> {
+fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), ConvergeError> {
     if timeout_s > 0 {
-        hv.shutdown(uuid).map_err(|e| error_chain(&e))?;
+        hv.shutdown(uuid)?;
         let deadline = Instant::now() + Duration::from_secs(u64::from(timeout_s));
         let mut last_request = Instant::now();
         while Instant::now() < deadline {
-            match hv.lookup(uuid).map_err(|e| error_chain(&e))? {
+            match hv.lookup(uuid)? {
                 None => return Ok(()),
                 Some(d) if d.state == DomainState::ShutOff => return Ok(()),
                 Some(_) => std::thread::sleep(STOP_POLL),
@@ -605,7 +649,7 @@ fn graceful_stop(hv: &dyn Hypervisor, uuid: Uuid, timeout_s: u32) -> Result<(), 
         }
         tracing::info!(%uuid, timeout_s, "compute: guest did not power off in time; forcing");
     }
-    hv.destroy(uuid).map_err(|e| error_chain(&e))
+    Ok(hv.destroy(uuid)?)
 }
 
 /// Makes a running domain's NICs match the VM's spec without a restart: attaches the NICs
@@ -620,13 +664,13 @@ fn hot_plug_nics(
     bridges: &Bridges,
     uuid: Uuid,
     vm: &Vm,
-) -> Result<Option<u64>, String> {
-    let xml = hv.xml(uuid).map_err(|e| error_chain(&e))?;
-    let size = domain_xml::summarize(&xml).map_err(|e| error_chain(&e))?;
+) -> Result<Option<u64>, ConvergeError> {
+    let xml = hv.xml(uuid)?;
+    let size = domain_xml::summarize(&xml)?;
     if size.vcpus != vm.spec.vcpus || size.memory_kib != vm.spec.memory_mib * 1024 {
         return Ok(None);
     }
-    let live = domain_xml::read_nics(&xml).map_err(|e| error_chain(&e))?;
+    let live = domain_xml::read_nics(&xml)?;
     let wanted = nic_attachments(vm);
     let has =
         |list: &[NicAttachment], mac: &str| list.iter().any(|n| n.mac.eq_ignore_ascii_case(mac));
@@ -646,27 +690,33 @@ fn hot_plug_nics(
         })
         .collect();
     if !missing.is_empty() {
-        bridges
-            .wait(&vm.spec.nics, BRIDGE_WAIT)
-            .map_err(|e| e.to_string())?;
+        bridges.wait(&vm.spec.nics, BRIDGE_WAIT)?;
     }
     for nic in &missing {
-        let device = domain_xml::render_nic(nic).map_err(|e| error_chain(&e))?;
+        let device = domain_xml::render_nic(nic)?;
         hv.attach_device(uuid, &device)
-            .map_err(|e| format!("hot-plugging NIC {}: {}", nic.mac, error_chain(&e)))?;
+            .map_err(|source| ConvergeError::HotPlug {
+                mac: nic.mac.clone(),
+                source,
+            })?;
         tracing::info!(vm = %vm.name, mac = %nic.mac, "compute: NIC hot-plugged");
     }
     for nic in &extra {
-        let device = domain_xml::render_nic(nic)
-            .map_err(|e| format!("NIC {} of the running domain: {}", nic.mac, error_chain(&e)))?;
+        let device = domain_xml::render_nic(nic).map_err(|source| ConvergeError::RunningNic {
+            mac: nic.mac.clone(),
+            source,
+        })?;
         hv.detach_device(uuid, &device)
-            .map_err(|e| format!("hot-unplugging NIC {}: {}", nic.mac, error_chain(&e)))?;
+            .map_err(|source| ConvergeError::HotUnplug {
+                mac: nic.mac.clone(),
+                source,
+            })?;
     }
     if !extra.is_empty() {
         let deadline = Instant::now() + UNPLUG_WAIT;
         loop {
-            let xml = hv.xml(uuid).map_err(|e| error_chain(&e))?;
-            let now = domain_xml::read_nics(&xml).map_err(|e| error_chain(&e))?;
+            let xml = hv.xml(uuid)?;
+            let now = domain_xml::read_nics(&xml)?;
             let left: Vec<&str> = extra
                 .iter()
                 .filter(|n| has(&now, &n.mac))
@@ -676,13 +726,10 @@ fn hot_plug_nics(
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the guest did not release NIC {} within {} s of the hot-unplug request \
-                     (does it handle ACPI PCI hot-unplug?); the NIC is gone from the domain's \
-                     definition and leaves the guest at its next stop",
-                    left.join(", "),
-                    UNPLUG_WAIT.as_secs_f32()
-                ));
+                return Err(ConvergeError::NotReleased {
+                    macs: left.join(", "),
+                    waited: UNPLUG_WAIT,
+                });
             }
             std::thread::sleep(UNPLUG_POLL);
         }
@@ -696,8 +743,7 @@ fn hot_plug_nics(
             vm_id: vm.id.clone(),
             generation: vm.generation,
         },
-    )
-    .map_err(|e| error_chain(&e))?;
+    )?;
     Ok(Some(vm.generation))
 }
 

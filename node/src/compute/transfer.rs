@@ -8,14 +8,64 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use keel_base::FileError;
 use keel_cluster::model::compute::{ComputeCommand, Template};
 use keel_cluster::model::Command;
-use keel_cluster::{error_chain, ClusterDb};
+use keel_cluster::{error_chain, ClusterDb, ClusterError};
 use tokio::io::AsyncWriteExt;
 
 use super::host::TemplateSource;
-use super::images::{ImageStore, Volumes};
+use super::images::{ImageError, ImageStore, Volumes};
 use crate::peer::protocol::BlobRequest;
+
+/// Why a template could not be fetched to this host.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateFetchError {
+    #[error("this node is not a member of a cluster")]
+    NotMember,
+    #[error("no other host holds a copy of template {template}")]
+    NoReplica { template: String },
+    /// Every replica was tried; each attempt's error chain, by node.
+    #[error("no host could send template {template}: {}", failed_attempts(.attempts))]
+    AllReplicasFailed {
+        template: String,
+        attempts: Vec<(u64, String)>,
+    },
+    #[error("asking node {node} for the template")]
+    Request {
+        node: u64,
+        #[source]
+        source: ClusterError,
+    },
+    #[error("node {node} stopped sending")]
+    Stream {
+        node: u64,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("node {node} sent more than the template's {limit} bytes")]
+    Oversized { node: u64, limit: u64 },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("storing the fetched template")]
+    Store(#[source] ImageError),
+    #[error("the template store's task stopped")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("recording this host as a replica of template {template}")]
+    Record {
+        template: String,
+        #[source]
+        source: ClusterError,
+    },
+}
+
+fn failed_attempts(attempts: &[(u64, String)]) -> String {
+    attempts
+        .iter()
+        .map(|(node, e)| format!("from node {node}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// Fetches templates from the members that hold them.
 pub struct PeerTemplateSource {
@@ -33,49 +83,51 @@ impl PeerTemplateSource {
         }
     }
 
-    async fn fetch_from(&self, template: &Template, source: u64) -> Result<(), String> {
-        let json = serde_json::to_vec(&BlobRequest::Template {
+    async fn fetch_from(&self, template: &Template, node: u64) -> Result<(), TemplateFetchError> {
+        let request = BlobRequest::Template {
             id: template.id.clone(),
-        })
-        .map_err(|e| e.to_string())?;
+        };
         let mut stream = self
             .db
-            .fetch_blob(source, json)
+            .fetch_blob(node, request.to_json())
             .await
-            .map_err(|e| error_chain(&e))?;
-        let part = self.images.incoming_path().map_err(|e| error_chain(&e))?;
+            .map_err(|source| TemplateFetchError::Request { node, source })?;
+        let part = self
+            .images
+            .incoming_path()
+            .map_err(TemplateFetchError::Store)?;
         let result = async {
             let mut file = tokio::fs::File::create(&part)
                 .await
-                .map_err(|e| format!("create {}: {e}", part.display()))?;
+                .map_err(FileError::on("create", &part))?;
             let mut received = 0u64;
             while let Some(chunk) = stream
                 .message()
                 .await
-                .map_err(|e| format!("node {source} stopped sending: {}", e.message()))?
+                .map_err(|source| TemplateFetchError::Stream { node, source })?
             {
                 received += chunk.data.len() as u64;
                 if received > template.size_bytes {
-                    return Err(format!(
-                        "node {source} sent more than the template's {} bytes",
-                        template.size_bytes
-                    ));
+                    return Err(TemplateFetchError::Oversized {
+                        node,
+                        limit: template.size_bytes,
+                    });
                 }
                 file.write_all(&chunk.data)
                     .await
-                    .map_err(|e| format!("write {}: {e}", part.display()))?;
+                    .map_err(FileError::on("write", &part))?;
             }
             file.sync_all()
                 .await
-                .map_err(|e| format!("sync {}: {e}", part.display()))?;
+                .map_err(FileError::on("sync", &part))?;
             let images = self.images.clone();
             let (part2, t) = (part.clone(), template.clone());
             tokio::task::spawn_blocking(move || {
                 images.adopt_fetched(&part2, &t.id, t.format, &t.sha256)
             })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| error_chain(&e))?;
+            .map_err(TemplateFetchError::Task)?
+            .map_err(TemplateFetchError::Store)?;
             Ok(())
         }
         .await;
@@ -88,7 +140,7 @@ impl PeerTemplateSource {
 
 #[async_trait::async_trait]
 impl TemplateSource for PeerTemplateSource {
-    async fn fetch(&self, template: &Template) -> Result<(), String> {
+    async fn fetch(&self, template: &Template) -> Result<(), TemplateFetchError> {
         let lock = self
             .in_flight
             .lock()
@@ -97,7 +149,7 @@ impl TemplateSource for PeerTemplateSource {
             .or_default()
             .clone();
         let _guard = lock.lock().await;
-        let me = self.db.node_id().ok_or("this node is not a member")?;
+        let me = self.db.node_id().ok_or(TemplateFetchError::NotMember)?;
         if !self.images.has_template(&template.id, template.format) {
             let sources: Vec<u64> = template
                 .replicas
@@ -106,9 +158,11 @@ impl TemplateSource for PeerTemplateSource {
                 .filter(|r| *r != me)
                 .collect();
             if sources.is_empty() {
-                return Err("no other host holds a copy".into());
+                return Err(TemplateFetchError::NoReplica {
+                    template: template.name.clone(),
+                });
             }
-            let mut errors = Vec::new();
+            let mut attempts = Vec::new();
             let started = std::time::Instant::now();
             let mut fetched = false;
             for source in sources {
@@ -119,11 +173,14 @@ impl TemplateSource for PeerTemplateSource {
                         fetched = true;
                         break;
                     }
-                    Err(e) => errors.push(format!("from node {source}: {e}")),
+                    Err(e) => attempts.push((source, error_chain(&e))),
                 }
             }
             if !fetched {
-                return Err(errors.join("; "));
+                return Err(TemplateFetchError::AllReplicasFailed {
+                    template: template.name.clone(),
+                    attempts,
+                });
             }
         }
         if !template.replicas.contains(&me) {
@@ -135,7 +192,10 @@ impl TemplateSource for PeerTemplateSource {
                     },
                 })
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|source| TemplateFetchError::Record {
+                    template: template.name.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }

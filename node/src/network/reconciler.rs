@@ -65,19 +65,17 @@ pub struct PlanInput {
 }
 
 impl PlanInput {
-    pub fn read(db: &ClusterDb) -> Result<Self, String> {
-        db.reader()
-            .read(|c| {
-                Ok(PlanInput {
-                    networks: model::list(c)?,
-                    vms: model::list(c)?,
-                    hosts: model::list(c)?,
-                    host_networks: model::list(c)?,
-                    groups: model::list(c)?,
-                    floating_ips: model::list(c)?,
-                })
+    pub fn read(db: &ClusterDb) -> Result<Self, keel_cluster::store::StoreError> {
+        db.reader().read(|c| {
+            Ok(PlanInput {
+                networks: model::list(c)?,
+                vms: model::list(c)?,
+                hosts: model::list(c)?,
+                host_networks: model::list(c)?,
+                groups: model::list(c)?,
+                floating_ips: model::list(c)?,
             })
-            .map_err(|e| error_chain(&e))
+        })
     }
 }
 
@@ -403,7 +401,7 @@ impl NetworkHost {
             let input = match PlanInput::read(&self.db) {
                 Ok(input) => Some(input),
                 Err(e) => {
-                    tracing::warn!(error = %e, "network: cannot read the state");
+                    tracing::warn!(error = %error_chain(&e), "network: cannot read the state");
                     None
                 }
             };

@@ -36,9 +36,7 @@ impl HostServices for NodeHostServices {
             .compute
             .as_ref()
             .ok_or_else(|| Status::failed_precondition("this node runs no VMs (a witness)"))?;
-        handle_host_op(compute, json)
-            .await
-            .map_err(Status::failed_precondition)
+        handle_host_op(compute, json).await
     }
 
     async fn open_duplex(
@@ -56,7 +54,7 @@ impl HostServices for NodeHostServices {
                     .ok_or_else(|| Status::failed_precondition("this node runs no VMs"))?;
                 migration::open_libvirt_socket(&compute.libvirt_socket, inbound)
                     .await
-                    .map_err(Status::unavailable)
+                    .map_err(|e| Status::unavailable(error_chain(&e)))
             }
             DuplexRequest::MigrationStream { vm_id, port } => {
                 let compute = self
@@ -65,7 +63,7 @@ impl HostServices for NodeHostServices {
                     .ok_or_else(|| Status::failed_precondition("this node runs no VMs"))?;
                 migration::open_migration_stream(compute, &vm_id, port, inbound)
                     .await
-                    .map_err(Status::failed_precondition)
+                    .map_err(|e| Status::failed_precondition(error_chain(&e)))
             }
             DuplexRequest::Console { vm_id, kind } => {
                 let pipe = self
@@ -85,7 +83,7 @@ impl HostServices for NodeHostServices {
                 let mut from_vm = pipe.from_vm;
                 tokio::spawn(async move {
                     while let Some(item) = from_vm.recv().await {
-                        let item = item.map_err(Status::unavailable);
+                        let item = item.map_err(|e| Status::unavailable(e.to_string()));
                         if tx.send(item).await.is_err() {
                             return;
                         }
@@ -133,22 +131,26 @@ impl HostServices for NodeHostServices {
     }
 }
 
-/// Answers a `Host` peer request.
-async fn handle_host_op(host: &Arc<ComputeHost>, json: &[u8]) -> Result<Vec<u8>, String> {
-    let op: HostOp =
-        serde_json::from_slice(json).map_err(|e| format!("malformed host request: {e}"))?;
+/// Answers a `Host` peer request: the reply's JSON, or the status the caller sees (the
+/// whole error chain as its message).
+async fn handle_host_op(host: &Arc<ComputeHost>, json: &[u8]) -> Result<Vec<u8>, Status> {
+    let op: HostOp = serde_json::from_slice(json)
+        .map_err(|e| Status::failed_precondition(format!("malformed host request: {e}")))?;
+    let failed = |e: migration::MigrationError| Status::failed_precondition(error_chain(&e));
     let reply = match op {
         HostOp::PrepareMigration {
             vm_id,
             source,
             live,
             stream_ports,
-        } => {
-            serde_json::to_vec(&migration::prepare(host, &vm_id, source, live, stream_ports).await?)
-        }
+        } => serde_json::to_vec(
+            &migration::prepare(host, &vm_id, source, live, stream_ports)
+                .await
+                .map_err(failed)?,
+        ),
         HostOp::VmPresence { vm_id } => {
-            serde_json::to_vec(&migration::vm_presence(host, &vm_id).await?)
+            serde_json::to_vec(&migration::vm_presence(host, &vm_id).await.map_err(failed)?)
         }
     };
-    reply.map_err(|e| e.to_string())
+    reply.map_err(|e| Status::internal(format!("encoding the reply: {e}")))
 }

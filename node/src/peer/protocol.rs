@@ -10,6 +10,31 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The JSON header of a request. The requests are enums of strings, numbers and flags, for
+/// which serde_json cannot fail (no maps with non-string keys, no non-finite floats), so
+/// the header is infallible and no caller carries an error it can never see.
+fn header(request: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(request).unwrap_or_else(|e| unreachable!("a peer request serializes: {e}"))
+}
+
+impl HostOp {
+    pub fn to_json(&self) -> Vec<u8> {
+        header(self)
+    }
+}
+
+impl DuplexRequest {
+    pub fn to_json(&self) -> Vec<u8> {
+        header(self)
+    }
+}
+
+impl BlobRequest {
+    pub fn to_json(&self) -> Vec<u8> {
+        header(self)
+    }
+}
+
 /// Requests a node answers for its own host services (the `Host` peer RPC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]

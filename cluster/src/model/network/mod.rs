@@ -57,6 +57,21 @@ pub struct Ipv4Cidr {
     pub prefix_len: u8,
 }
 
+/// Why a text is not an IPv4 CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("{text:?} is not a CIDR like 10.0.0.0/24")]
+    Syntax { text: String },
+    #[error("{text:?} has a prefix length that is not 0-32")]
+    PrefixLength { text: String },
+    #[error("{text:?} has host bits set: did you mean {network}/{prefix_len}?")]
+    HostBits {
+        text: String,
+        network: Ipv4Addr,
+        prefix_len: u8,
+    },
+}
+
 impl Ipv4Cidr {
     fn mask(prefix_len: u8) -> u32 {
         if prefix_len == 0 {
@@ -68,24 +83,26 @@ impl Ipv4Cidr {
 
     /// Parses `a.b.c.d/len`. `strict` (a network) refuses host bits; otherwise (an
     /// interface address like `10.0.0.5/24`) the address is kept as written.
-    pub fn parse(text: &str, strict: bool) -> Result<Self, String> {
-        let (addr, len) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not a CIDR like 10.0.0.0/24"))?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("{text:?} is not a CIDR like 10.0.0.0/24"))?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("{text:?} has a prefix length that is not 0-32"))?;
+    pub fn parse(text: &str, strict: bool) -> Result<Self, CidrError> {
+        let syntax = || CidrError::Syntax {
+            text: text.to_string(),
+        };
+        let (addr, len) = text.split_once('/').ok_or_else(syntax)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
+        let prefix_len: u8 =
+            len.parse()
+                .ok()
+                .filter(|l| *l <= 32)
+                .ok_or_else(|| CidrError::PrefixLength {
+                    text: text.to_string(),
+                })?;
         let cidr = Self { addr, prefix_len };
         if strict && cidr.network() != addr {
-            return Err(format!(
-                "{text:?} has host bits set: did you mean {}/{prefix_len}?",
-                cidr.network()
-            ));
+            return Err(CidrError::HostBits {
+                text: text.to_string(),
+                network: cidr.network(),
+                prefix_len,
+            });
         }
         Ok(cidr)
     }

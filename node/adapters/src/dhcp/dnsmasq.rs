@@ -55,6 +55,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::dhcp::{Dhcp, DhcpError, DhcpHost, DhcpNetwork};
+use crate::links::MacAddr;
 
 /// How long a start may take until dnsmasq's launcher has exited.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,9 +117,45 @@ pub struct Rendered {
     pub dns_hosts: String,
 }
 
+/// Why a network's values cannot go into dnsmasq's files.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidNetwork {
+    #[error("{name:?} is not an interface name")]
+    Interface { name: String },
+    #[error("prefix length /{prefix_len} leaves no room for hosts")]
+    Prefix { prefix_len: u8 },
+    #[error("gateway {gateway} is the network or broadcast address of /{prefix_len}")]
+    Gateway { gateway: Ipv4Addr, prefix_len: u8 },
+    #[error("domain {domain:?} is not a DNS name")]
+    Domain { domain: String },
+    #[error("MTU {mtu} is out of range (68-65535)")]
+    Mtu { mtu: u32 },
+    #[error("lease time {lease_secs} s is shorter than dnsmasq's minimum {MIN_LEASE_SECS} s")]
+    Lease { lease_secs: u32 },
+    #[error("hostname {name:?} (of {mac}) is not a DNS label")]
+    Hostname { name: String, mac: MacAddr },
+    #[error("address {ip} of {name} is not a host address of {network}/{prefix_len} other than the gateway")]
+    HostAddress {
+        ip: Ipv4Addr,
+        name: String,
+        network: Ipv4Addr,
+        prefix_len: u8,
+    },
+    #[error("MAC {mac} appears twice")]
+    DuplicateMac { mac: MacAddr },
+    #[error("address {ip} appears twice")]
+    DuplicateAddress { ip: Ipv4Addr },
+    #[error("hostname {name} appears twice")]
+    DuplicateHostname { name: String },
+    #[error(
+        "path {path:?} is not absolute or has characters other than letters, digits and /._-+"
+    )]
+    Path { path: std::path::PathBuf },
+}
+
 /// Renders a network's files; `Err` says why the network cannot be served (every value
 /// that ends up in a file is checked first, so none can add a line or an option).
-pub fn render(net: &DhcpNetwork, paths: &NetworkPaths) -> Result<Rendered, String> {
+pub fn render(net: &DhcpNetwork, paths: &NetworkPaths) -> Result<Rendered, InvalidNetwork> {
     validate(net)?;
     for p in [
         &paths.conf,
@@ -216,7 +253,7 @@ fn is_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn check_path(p: &Path) -> Result<(), String> {
+fn check_path(p: &Path) -> Result<(), InvalidNetwork> {
     let ok = p.is_absolute()
         && p.to_str().is_some_and(|s| {
             s.bytes()
@@ -225,13 +262,13 @@ fn check_path(p: &Path) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "path {p:?} is not absolute or has characters other than letters, digits and /._-+"
-        ))
+        Err(InvalidNetwork::Path {
+            path: p.to_path_buf(),
+        })
     }
 }
 
-fn validate(net: &DhcpNetwork) -> Result<(), String> {
+fn validate(net: &DhcpNetwork) -> Result<(), InvalidNetwork> {
     let ifname = &net.interface;
     if ifname.is_empty()
         || ifname.len() > 15
@@ -239,13 +276,14 @@ fn validate(net: &DhcpNetwork) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
     {
-        return Err(format!("{ifname:?} is not an interface name"));
+        return Err(InvalidNetwork::Interface {
+            name: ifname.clone(),
+        });
     }
     if !(1..=30).contains(&net.prefix_len) {
-        return Err(format!(
-            "prefix length /{} leaves no room for hosts",
-            net.prefix_len
-        ));
+        return Err(InvalidNetwork::Prefix {
+            prefix_len: net.prefix_len,
+        });
     }
     let mask = u32::from(netmask(net.prefix_len));
     let network = u32::from(net.gateway) & mask;
@@ -255,51 +293,54 @@ fn validate(net: &DhcpNetwork) -> Result<(), String> {
         ip & mask == network && ip != network && ip != broadcast
     };
     if !usable(net.gateway) {
-        return Err(format!(
-            "gateway {} is the network or broadcast address of /{}",
-            net.gateway, net.prefix_len
-        ));
+        return Err(InvalidNetwork::Gateway {
+            gateway: net.gateway,
+            prefix_len: net.prefix_len,
+        });
     }
     let domain = &net.domain;
     if domain.len() > 253 || !domain.split('.').all(is_label) {
-        return Err(format!("domain {domain:?} is not a DNS name"));
+        return Err(InvalidNetwork::Domain {
+            domain: domain.clone(),
+        });
     }
     if !(68..=65535).contains(&net.mtu) {
-        return Err(format!("MTU {} is out of range (68-65535)", net.mtu));
+        return Err(InvalidNetwork::Mtu { mtu: net.mtu });
     }
     if net.lease_secs < MIN_LEASE_SECS {
-        return Err(format!(
-            "lease time {} s is shorter than dnsmasq's minimum {MIN_LEASE_SECS} s",
-            net.lease_secs
-        ));
+        return Err(InvalidNetwork::Lease {
+            lease_secs: net.lease_secs,
+        });
     }
     let (mut macs, mut ips, mut names) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for h in &net.hosts {
         let name = h.hostname.as_deref().unwrap_or("a nameless NIC");
         if let Some(name) = &h.hostname {
             if !is_label(name) || name.len() + 1 + domain.len() > 253 {
-                return Err(format!(
-                    "hostname {name:?} (of {}) is not a DNS label",
-                    h.mac
-                ));
+                return Err(InvalidNetwork::Hostname {
+                    name: name.clone(),
+                    mac: h.mac,
+                });
             }
         }
         if !usable(h.ip) || h.ip == net.gateway {
-            return Err(format!(
-                "address {} of {name} is not a host address of {}/{} other than the gateway",
-                h.ip,
-                Ipv4Addr::from(network),
-                net.prefix_len
-            ));
+            return Err(InvalidNetwork::HostAddress {
+                ip: h.ip,
+                name: name.to_string(),
+                network: Ipv4Addr::from(network),
+                prefix_len: net.prefix_len,
+            });
         }
         if !macs.insert(h.mac) {
-            return Err(format!("MAC {} appears twice", h.mac));
+            return Err(InvalidNetwork::DuplicateMac { mac: h.mac });
         }
         if !ips.insert(h.ip) {
-            return Err(format!("address {} appears twice", h.ip));
+            return Err(InvalidNetwork::DuplicateAddress { ip: h.ip });
         }
         if h.hostname.is_some() && !names.insert(name.to_ascii_lowercase()) {
-            return Err(format!("hostname {name} appears twice"));
+            return Err(InvalidNetwork::DuplicateHostname {
+                name: name.to_string(),
+            });
         }
     }
     Ok(())
@@ -631,7 +672,7 @@ impl Dhcp for Dnsmasq {
     fn ensure(&self, net: &DhcpNetwork) -> Result<(), DhcpError> {
         let vni = net.vni;
         let paths = self.paths(vni);
-        let files = render(net, &paths).map_err(|detail| DhcpError::Invalid { vni, detail })?;
+        let files = render(net, &paths).map_err(|source| DhcpError::Invalid { vni, source })?;
         let mut known = self.lock();
         self.prepare_dir(vni, &paths)?;
         if let Some(inst) = from_pid_file(&paths) {

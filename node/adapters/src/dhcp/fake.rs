@@ -116,7 +116,7 @@ impl Dhcp for FakeDhcp {
         let result = match failure {
             Some(detail) => Err(DhcpError::Exited { vni, detail }),
             None => render(net, &NetworkPaths::new(Path::new("/run/keel/dnsmasq"), vni))
-                .map_err(|detail| DhcpError::Invalid { vni, detail }),
+                .map_err(|source| DhcpError::Invalid { vni, source }),
         };
         let effect = match result {
             Err(e) => {

@@ -48,8 +48,12 @@ pub struct DhcpNetwork {
 pub enum DhcpError {
     /// The network cannot be served as given (a hostname or domain that is not a DNS name,
     /// a host address outside the network, duplicate hosts, …). Nothing was changed.
-    #[error("network {vni} cannot be served: {detail}")]
-    Invalid { vni: u32, detail: String },
+    #[error("network {vni} cannot be served")]
+    Invalid {
+        vni: u32,
+        #[source]
+        source: dnsmasq::InvalidNetwork,
+    },
     /// A directory above the run directory is not searchable by other users: dnsmasq drops
     /// its privileges after starting and could not re-read its host lists on a reload.
     #[error("dnsmasq files of network {vni}: {dir} is not searchable by other users")]
