@@ -8,6 +8,13 @@
 //!                                                                  ├─ timer ─────────► pass
 //!                                                                  └─ stop ──────────► end
 //! ```
+//!
+//! Its users: the compute manager and the network reconciler (from [`Wakeups::when_member`])
+//! and the placement duty, which only runs on the leader and so starts as a member
+//! ([`Wakeups::on_apply`]). A VM's actor does not wake on every apply but on its own
+//! VM's `watch` channel, which the manager feeds; the other duties (health, voters,
+//! operations) and the host-unit supervisor run on timers alone, since nothing in raft
+//! asks them for a pass.
 
 use std::time::Duration;
 
@@ -42,6 +49,15 @@ impl Wakeups {
                 _ = stop.cancelled() => return None,
                 _ = membership.changed() => {}
             }
+        }
+    }
+
+    /// For a loop that only runs on a member (a duty of the leader): wakes on this node's
+    /// applies from now on.
+    pub fn on_apply(db: &ClusterDb, stop: &CancellationToken) -> Wakeups {
+        Wakeups {
+            applied: db.reader().applied(),
+            stop: stop.clone(),
         }
     }
 

@@ -16,6 +16,8 @@ use keel_cluster::store::StoreError;
 use keel_cluster::{error_chain, ClusterDb};
 use tokio_util::sync::CancellationToken;
 
+use crate::wake::Wakeups;
+
 /// Why a VM's placement could not be evaluated this tick.
 #[derive(Debug, thiserror::Error)]
 enum EvaluateError {
@@ -29,15 +31,13 @@ enum EvaluateError {
 const DRAIN_RETRY: Duration = Duration::from_secs(5);
 
 pub async fn run(db: ClusterDb, tick: Duration, stop: CancellationToken) {
-    let mut applied = db.reader().applied();
+    let mut wakeups = Wakeups::on_apply(&db, &stop);
     let mut drain_attempts = std::collections::HashMap::new();
     loop {
         place_pending(&db).await;
         drain_hosts(&db, &mut drain_attempts).await;
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = applied.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(tick) => {}
+        if !wakeups.next(tick).await {
+            return;
         }
     }
 }
