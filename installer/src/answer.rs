@@ -226,8 +226,8 @@ impl fmt::Display for Bus {
 pub struct ByteSize(pub u64);
 
 impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
         let t = s.trim();
         let split = t
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -245,17 +245,18 @@ impl FromStr for ByteSize {
             "gb" => 1_000_000_000,
             "tb" => 1_000_000_000_000,
             _ => {
-                return Err(format!(
-                    "'{s}' has an unknown unit '{unit}' (use B, K/KiB, M/MiB, G/GiB, T/TiB or decimal KB, MB, GB, TB)"
-                ))
+                return Err(ValueError::SizeUnit {
+                    text: s.to_string(),
+                    unit: unit.to_string(),
+                })
             }
         };
-        let value: f64 = num.parse().map_err(|_| {
-            format!("'{s}' is not a size (examples: \"500GB\", \"8GiB\", 1073741824)")
-        })?;
+        let value: f64 = num
+            .parse()
+            .map_err(|_| ValueError::NotASize(s.to_string()))?;
         let bytes = value * mult as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("'{s}' is out of range"));
+            return Err(ValueError::SizeRange(s.to_string()));
         }
         Ok(ByteSize(bytes.round() as u64))
     }
@@ -322,12 +323,52 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
         Self {
             key: key.into(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
+}
+
+/// Why a value is not acceptable for its setting. The text is what the operator reads
+/// beside the setting's name; secrets (password hashes, join tokens) never appear in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("'' is not a host name: give one such as \"node1\"")]
+    EmptyHostname,
+    #[error("'{0}' is longer than 253 characters")]
+    HostnameTooLong(String),
+    #[error("'{0}': each dot-separated part must have 1 to 63 characters")]
+    HostnameLabelLength(String),
+    #[error("'{0}': use only lower-case letters, digits and '-' (for example \"node1\")")]
+    HostnameCharacters(String),
+    #[error("'{0}': a part may not start or end with '-'")]
+    HostnameHyphen(String),
+    #[error("is not a password hash (the value is not shown): give a crypt(3) hash such as the output of `openssl passwd -6`, never the password itself")]
+    NotAPasswordHash,
+    #[error("is not an SSH public key line (expected \"ssh-ed25519 AAAA... comment\")")]
+    NotAnSshKey,
+    #[error("key type '{kind}' is not supported (use one of {supported})")]
+    SshKeyType { kind: String, supported: String },
+    #[error("the {kind} key data is not valid base64 (was the line cut or wrapped?)")]
+    SshKeyData { kind: String },
+    #[error("'{0}' is neither an interface name (up to 15 characters, such as \"enp1s0\") nor a MAC address (\"52:54:00:12:34:56\")")]
+    Interface(String),
+    #[error("is not a Keel join token (the value is not shown): it must start with \"{JOIN_TOKEN_PREFIX}\"; copy the whole line printed by `keel cluster token create`")]
+    NotAJoinToken,
+    #[error("the join token is damaged (the value is not shown): was it cut or wrapped?")]
+    DamagedJoinToken,
+    #[error("'{text}' has an unknown unit '{unit}' (use B, K/KiB, M/MiB, G/GiB, T/TiB or decimal KB, MB, GB, TB)")]
+    SizeUnit { text: String, unit: String },
+    #[error("'{0}' is not a size (examples: \"500GB\", \"8GiB\", 1073741824)")]
+    NotASize(String),
+    #[error("'{0}' is out of range")]
+    SizeRange(String),
+    #[error("'{0}' is not an IP address (example: \"192.168.1.10/24\")")]
+    NotAnAddress(String),
+    #[error("'{text}': '{prefix}' is not a prefix length")]
+    NotAPrefix { text: String, prefix: String },
 }
 
 impl fmt::Display for Problem {
@@ -730,46 +771,42 @@ fn check_system(s: &SystemSpec, problems: &mut Vec<Problem>) {
 }
 
 /// Checks a host name (RFC 1123: dot-separated labels of `a-z 0-9 -`).
-pub fn check_hostname(h: &str) -> Result<(), String> {
+pub fn check_hostname(h: &str) -> Result<(), ValueError> {
     if h.is_empty() {
-        return Err("'' is not a host name: give one such as \"node1\"".into());
+        return Err(ValueError::EmptyHostname);
     }
     if h.len() > 253 {
-        return Err(format!("'{h}' is longer than 253 characters"));
+        return Err(ValueError::HostnameTooLong(h.to_string()));
     }
     for label in h.split('.') {
         if label.is_empty() || label.len() > 63 {
-            return Err(format!(
-                "'{h}': each dot-separated part must have 1 to 63 characters"
-            ));
+            return Err(ValueError::HostnameLabelLength(h.to_string()));
         }
         if !label
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
-            return Err(format!(
-                "'{h}': use only lower-case letters, digits and '-' (for example \"node1\")"
-            ));
+            return Err(ValueError::HostnameCharacters(h.to_string()));
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("'{h}': a part may not start or end with '-'"));
+            return Err(ValueError::HostnameHyphen(h.to_string()));
         }
     }
     Ok(())
 }
 
 /// Checks that a value is a crypt(3) hash; the value itself never appears in the error.
-pub fn check_password_hash(h: &str) -> Result<(), String> {
+pub fn check_password_hash(h: &str) -> Result<(), ValueError> {
     const SCHEMES: [&str; 5] = ["$6$", "$5$", "$y$", "$2b$", "$gy$"];
     let fields = h.split('$').count();
     if !SCHEMES.iter().any(|s| h.starts_with(s)) || fields < 4 || h.contains(char::is_whitespace) {
-        return Err("is not a password hash (the value is not shown): give a crypt(3) hash such as the output of `openssl passwd -6`, never the password itself".into());
+        return Err(ValueError::NotAPasswordHash);
     }
     Ok(())
 }
 
 /// Checks one `authorized_keys` line: key type, base64 blob, optional comment.
-pub fn check_ssh_key(line: &str) -> Result<(), String> {
+pub fn check_ssh_key(line: &str) -> Result<(), ValueError> {
     use base64::Engine;
     const TYPES: [&str; 7] = [
         "ssh-ed25519",
@@ -782,21 +819,19 @@ pub fn check_ssh_key(line: &str) -> Result<(), String> {
     ];
     let mut parts = line.split_whitespace();
     let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return Err(
-            "is not an SSH public key line (expected \"ssh-ed25519 AAAA... comment\")".into(),
-        );
+        return Err(ValueError::NotAnSshKey);
     };
     if !TYPES.contains(&kind) {
-        return Err(format!(
-            "key type '{kind}' is not supported (use one of {})",
-            TYPES.join(", ")
-        ));
+        return Err(ValueError::SshKeyType {
+            kind: kind.to_string(),
+            supported: TYPES.join(", "),
+        });
     }
     match base64::engine::general_purpose::STANDARD.decode(blob) {
         Ok(raw) if raw.len() > 4 => Ok(()),
-        _ => Err(format!(
-            "the {kind} key data is not valid base64 (was the line cut or wrapped?)"
-        )),
+        _ => Err(ValueError::SshKeyData {
+            kind: kind.to_string(),
+        }),
     }
 }
 
@@ -931,20 +966,20 @@ fn read_static(
 }
 
 /// Parses `a.b.c.d/p` (or an address without a prefix).
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, Option<u8>), String> {
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, Option<u8>), ValueError> {
     let (a, p) = match s.trim().split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (s.trim(), None),
     };
     let ip: IpAddr = a
         .parse()
-        .map_err(|_| format!("'{s}' is not an IP address (example: \"192.168.1.10/24\")"))?;
+        .map_err(|_| ValueError::NotAnAddress(s.to_string()))?;
     let prefix = match p {
         None => None,
-        Some(p) => Some(
-            p.parse::<u8>()
-                .map_err(|_| format!("'{s}': '{p}' is not a prefix length"))?,
-        ),
+        Some(p) => Some(p.parse::<u8>().map_err(|_| ValueError::NotAPrefix {
+            text: s.to_string(),
+            prefix: p.to_string(),
+        })?),
     };
     Ok((ip, prefix))
 }
@@ -1043,7 +1078,7 @@ fn same_subnet(a: &IpAddr, b: &IpAddr, prefix: u8) -> bool {
 }
 
 /// Checks an interface name or MAC address.
-pub fn check_interface(i: &str) -> Result<(), String> {
+pub fn check_interface(i: &str) -> Result<(), ValueError> {
     if is_mac(i) {
         return Ok(());
     }
@@ -1051,9 +1086,7 @@ pub fn check_interface(i: &str) -> Result<(), String> {
         || i.len() > 15
         || i.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
     {
-        return Err(format!(
-            "'{i}' is neither an interface name (up to 15 characters, such as \"enp1s0\") nor a MAC address (\"52:54:00:12:34:56\")"
-        ));
+        return Err(ValueError::Interface(i.to_string()));
     }
     Ok(())
 }
@@ -1157,10 +1190,10 @@ pub fn check_cluster_spec(c: &ClusterSpec, problems: &mut Vec<Problem>) {
 pub const JOIN_TOKEN_PREFIX: &str = "keel-join-v1.";
 
 /// Checks the shape of a join token (prefix, base64url JSON) without printing it.
-pub fn check_join_token(t: &str) -> Result<(), String> {
+pub fn check_join_token(t: &str) -> Result<(), ValueError> {
     use base64::Engine;
     let Some(rest) = t.trim().strip_prefix(JOIN_TOKEN_PREFIX) else {
-        return Err(format!("is not a Keel join token (the value is not shown): it must start with \"{JOIN_TOKEN_PREFIX}\"; copy the whole line printed by `keel cluster token create`"));
+        return Err(ValueError::NotAJoinToken);
     };
     let ok = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(rest)
@@ -1168,9 +1201,7 @@ pub fn check_join_token(t: &str) -> Result<(), String> {
         .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
         .is_some_and(|v| v.is_object());
     if !ok {
-        return Err(
-            "the join token is damaged (the value is not shown): was it cut or wrapped?".into(),
-        );
+        return Err(ValueError::DamagedJoinToken);
     }
     Ok(())
 }
@@ -1452,7 +1483,7 @@ token = "keel-join-v1.xyz"
         assert_eq!(b("500GB"), Ok(500_000_000_000));
         assert_eq!(b("1.5T"), Ok(3 << 39));
         assert_eq!(b("4096"), Ok(4096));
-        assert!(b("8X").unwrap_err().contains("unknown unit"));
+        assert!(b("8X").unwrap_err().to_string().contains("unknown unit"));
         assert!(b("").is_err());
         assert_eq!(ByteSize(4 << 30).to_string(), "4GiB");
         assert_eq!(ByteSize(500_000_000_000).to_string(), "500GB");

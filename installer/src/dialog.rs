@@ -75,31 +75,42 @@ impl Terminal for StdTerminal {
     }
 }
 
+/// Why a password could not be hashed (the password never appears in it).
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    #[error("cannot run openssl")]
+    Spawn(#[source] io::Error),
+    #[error("cannot hand the password to openssl")]
+    Feed(#[source] io::Error),
+    #[error("openssl could not hash the password")]
+    Failed,
+}
+
 /// Hashes a password with `openssl passwd -6` (SHA-512 crypt); the password goes on stdin.
-pub fn openssl_hash(password: &str) -> Result<Secret, String> {
+pub fn openssl_hash(password: &str) -> Result<Secret, HashError> {
     let mut child = Command::new("openssl")
         .args(["passwd", "-6", "-stdin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run openssl: {e}"))?;
+        .map_err(HashError::Spawn)?;
     if let Some(mut i) = child.stdin.take() {
         i.write_all(format!("{password}\n").as_bytes())
-            .map_err(|e| e.to_string())?;
+            .map_err(HashError::Feed)?;
     }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(HashError::Feed)?;
     let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if out.status.success() && hash.starts_with("$6$") {
         Ok(Secret::new(hash))
     } else {
-        Err("openssl could not hash the password".into())
+        Err(HashError::Failed)
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialogError {
-    #[error("terminal: {0}")]
+    #[error("terminal")]
     Io(#[from] io::Error),
     #[error("no disk to install on: {0}")]
     NoDisk(String),
@@ -176,7 +187,7 @@ pub fn run(
     t: &mut dyn Terminal,
     disks: &[Disk],
     nics: &[Nic],
-    hash: &dyn Fn(&str) -> Result<Secret, String>,
+    hash: &dyn Fn(&str) -> Result<Secret, HashError>,
 ) -> Res<Answer> {
     let usable: Vec<&Disk> = disks
         .iter()
@@ -207,7 +218,9 @@ pub fn run(
         };
         let disk = usable[i];
         let Some(hostname) = ask(t, "Host name", Some("keel-1"), &|s| {
-            check_hostname(s).map(|_| s.to_string())
+            check_hostname(s)
+                .map(|()| s.to_string())
+                .map_err(|e| e.to_string())
         })?
         else {
             return Ok(None);
@@ -235,7 +248,7 @@ pub fn run(
                 t,
                 "  Address/prefix (e.g. 192.168.1.10/24)",
                 None,
-                &|s| match parse_cidr(s)? {
+                &|s| match parse_cidr(s).map_err(|e| e.to_string())? {
                     (ip, Some(p)) => Ok((ip, p)),
                     (_, None) => Err("add the prefix length, such as /24".into()),
                 },
@@ -301,7 +314,7 @@ pub fn run(
             }
             match hash(&pw) {
                 Ok(h) => break Some(h),
-                Err(e) => t.say(&format!("  ! {e}"))?,
+                Err(e) => t.say(&format!("  ! {}", keel_base::error_chain(&e)))?,
             }
         };
         let Some(ssh_key) = ask(
@@ -312,7 +325,9 @@ pub fn run(
                 if s.is_empty() {
                     Ok(None)
                 } else {
-                    check_ssh_key(s).map(|_| Some(s.to_string()))
+                    check_ssh_key(s)
+                        .map(|()| Some(s.to_string()))
+                        .map_err(|e| e.to_string())
                 }
             },
         )?
@@ -446,7 +461,7 @@ mod tests {
         }
     }
 
-    fn fake_hash(pw: &str) -> Result<Secret, String> {
+    fn fake_hash(pw: &str) -> Result<Secret, HashError> {
         Ok(Secret::new(format!("$6$fake${}", pw.len())))
     }
 

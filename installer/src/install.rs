@@ -118,8 +118,15 @@ pub fn make_plan(r: &Resolved, live: &LiveLayout) -> Plan {
     )
 }
 
+/// What the live system lacks to install from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot install from here: missing {}", .missing.join(", "))]
+pub struct PreflightError {
+    pub missing: Vec<String>,
+}
+
 /// Checks that the live system has what the plan copies.
-pub fn preflight(live: &LiveLayout) -> Result<(), String> {
+pub fn preflight(live: &LiveLayout) -> Result<(), PreflightError> {
     let mut missing = Vec::new();
     if !live.squashfs.exists() {
         missing.push(format!(
@@ -133,10 +140,7 @@ pub fn preflight(live: &LiveLayout) -> Result<(), String> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "cannot install from here: missing {}",
-            missing.join(", ")
-        ))
+        Err(PreflightError { missing })
     }
 }
 
@@ -199,7 +203,8 @@ mod tests {
             target: "/t".into(),
             kernel_version: String::new(),
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("/nonexistent/fs.squashfs") && e.contains("kernel version"),
             "{e}"

@@ -272,7 +272,7 @@ fn confirm(r: &Resolved) -> Result<bool, String> {
 
 fn install(r: &Resolved, console: &mut Console) -> Result<(), String> {
     let live = LiveLayout::default();
-    preflight(&live)?;
+    preflight(&live).map_err(|e| e.to_string())?;
     let plan = make_plan(r, &live);
     console.say(&format!("Installing Keel on {}", r.disk));
     execute(&plan, &live.target, &mut RealHost, &mut |l| console.say(l))

@@ -63,34 +63,50 @@ impl NicProbe for FakeNics {
     }
 }
 
+/// Why no management interface could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterfaceError {
+    #[error("no network card was found for the management network")]
+    NoCard,
+    #[error("no network card has the MAC address {mac}; {}", listing(.cards))]
+    NoSuchMac { mac: String, cards: Vec<Nic> },
+    #[error("there is no network card '{name}'; {}", listing(.cards))]
+    NoSuchName { name: String, cards: Vec<Nic> },
+}
+
+fn listing(cards: &[Nic]) -> String {
+    if cards.is_empty() {
+        "no network card was found".to_string()
+    } else {
+        let l: Vec<String> = cards
+            .iter()
+            .map(|n| format!("{} ({})", n.name, n.mac))
+            .collect();
+        format!("the network cards are: {}", l.join(", "))
+    }
+}
+
 /// The management interface: the one named (by name or MAC), or the first card.
-pub fn resolve_interface(wanted: Option<&str>, nics: &[Nic]) -> Result<Nic, String> {
-    let listing = || {
-        if nics.is_empty() {
-            "no network card was found".to_string()
-        } else {
-            let l: Vec<String> = nics
-                .iter()
-                .map(|n| format!("{} ({})", n.name, n.mac))
-                .collect();
-            format!("the network cards are: {}", l.join(", "))
-        }
-    };
+pub fn resolve_interface(wanted: Option<&str>, nics: &[Nic]) -> Result<Nic, InterfaceError> {
     match wanted {
-        None => nics
-            .first()
-            .cloned()
-            .ok_or_else(|| "no network card was found for the management network".to_string()),
+        None => nics.first().cloned().ok_or(InterfaceError::NoCard),
         Some(w) if is_mac(w) => nics
             .iter()
             .find(|n| n.mac.eq_ignore_ascii_case(w))
             .cloned()
-            .ok_or_else(|| format!("no network card has the MAC address {w}; {}", listing())),
-        Some(w) => nics
-            .iter()
-            .find(|n| n.name == w)
-            .cloned()
-            .ok_or_else(|| format!("there is no network card '{w}'; {}", listing())),
+            .ok_or_else(|| InterfaceError::NoSuchMac {
+                mac: w.to_string(),
+                cards: nics.to_vec(),
+            }),
+        Some(w) => {
+            nics.iter()
+                .find(|n| n.name == w)
+                .cloned()
+                .ok_or_else(|| InterfaceError::NoSuchName {
+                    name: w.to_string(),
+                    cards: nics.to_vec(),
+                })
+        }
     }
 }
 
@@ -125,7 +141,9 @@ mod tests {
             resolve_interface(Some("52:54:00:00:00:02"), &nics()).map(|n| n.name),
             Ok("enp2s0".into())
         );
-        let e = resolve_interface(Some("eth9"), &nics()).unwrap_err();
+        let e = resolve_interface(Some("eth9"), &nics())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("enp1s0 (52:54:00:00:00:01)"), "{e}");
         assert!(resolve_interface(None, &[]).is_err());
     }
