@@ -328,13 +328,16 @@ struct Inner {
 /// What the node service offers other members on the peer port besides the cluster
 /// database: its host services (compute, storage). Registered with
 /// [`ClusterDb::set_host_services`]; requests arriving before that are refused as
-/// unavailable.
+/// unavailable. `caller` is the member asking (named by its certificate); the services
+/// decide from raft's state whether it may ask that of this host.
 #[tonic::async_trait]
 pub trait HostServices: Send + Sync + 'static {
-    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
-    async fn open_blob(&self, json: &[u8]) -> Result<transport::BlobReader, Status>;
+    async fn host_op(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status>;
+    async fn open_blob(&self, caller: NodeId, json: &[u8])
+        -> Result<transport::BlobReader, Status>;
     async fn open_duplex(
         &self,
+        caller: NodeId,
         header: &[u8],
         inbound: transport::DuplexInbound,
     ) -> Result<transport::DuplexOutbound, Status>;
@@ -1267,7 +1270,7 @@ fn client_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, KeelNode>>) 
 
 #[tonic::async_trait]
 impl PeerHandler for ClusterDb {
-    async fn leader_op(&self, json: &[u8]) -> Result<Vec<u8>, Status> {
+    async fn leader_op(&self, _caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status> {
         let op: LeaderOp = serde_json::from_slice(json)
             .map_err(|e| Status::invalid_argument(format!("malformed leader op: {e}")))?;
         let member = self
@@ -1281,27 +1284,48 @@ impl PeerHandler for ClusterDb {
         serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))
     }
 
-    async fn heartbeat(&self, json: &[u8]) -> Result<Vec<u8>, Status> {
+    async fn heartbeat(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status> {
         let hb: Heartbeat = serde_json::from_slice(json)
             .map_err(|e| Status::invalid_argument(format!("malformed heartbeat: {e}")))?;
-        self.inner.heartbeats.record(hb.node_id);
+        // A heartbeat says the sender is alive, so it counts for the node that sent it:
+        // a member cannot keep another one "up".
+        if hb.node_id != caller {
+            tracing::warn!(
+                caller,
+                claimed = hb.node_id,
+                "peer: heartbeat in another node's name refused"
+            );
+            return Err(crate::peer_auth::PeerDenied::Impersonation {
+                caller,
+                claimed: hb.node_id,
+            }
+            .into());
+        }
+        self.inner.heartbeats.record(caller);
         Ok(b"{}".to_vec())
     }
 
-    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status> {
-        self.host_services()?.host_op(json).await
+    async fn host_op(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status> {
+        self.host_services()?.host_op(caller, json).await
     }
 
-    async fn open_blob(&self, json: &[u8]) -> Result<transport::BlobReader, Status> {
-        self.host_services()?.open_blob(json).await
+    async fn open_blob(
+        &self,
+        caller: NodeId,
+        json: &[u8],
+    ) -> Result<transport::BlobReader, Status> {
+        self.host_services()?.open_blob(caller, json).await
     }
 
     async fn open_duplex(
         &self,
+        caller: NodeId,
         header: &[u8],
         inbound: transport::DuplexInbound,
     ) -> Result<transport::DuplexOutbound, Status> {
-        self.host_services()?.open_duplex(header, inbound).await
+        self.host_services()?
+            .open_duplex(caller, header, inbound)
+            .await
     }
 }
 

@@ -5,6 +5,7 @@
 //! * [`token`] — join tokens.
 
 pub mod model;
+pub mod peer_auth;
 pub mod store;
 pub mod tls;
 pub mod token;

@@ -6,6 +6,10 @@
 //!
 //! Client side: one lazily connected channel per target node, verified against the name
 //! `node-<id>.keel`, so a node cannot impersonate another member even with a valid cert.
+//!
+//! Server side: every RPC is checked against the node its client certificate names and
+//! raft's membership ([`crate::peer_auth`]); the host services get that caller to decide
+//! what it may ask of this host. Streams end when their caller leaves the membership.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use tonic::transport::{
 };
 use tonic::{Request as TonicRequest, Response as TonicResponse, Status};
 
+use crate::peer_auth::{caller_of, PeerDenied, PeerMembers};
 use crate::tls::NodeIdentity;
 use crate::types::{KeelNode, NodeId, Raft, TypeConfig};
 
@@ -78,20 +83,23 @@ pub fn decode<T: DeserializeOwned>(payload: &Payload) -> Result<T, Status> {
         .map_err(|e| Status::invalid_argument(format!("malformed peer message: {e}")))
 }
 
-/// What the peer server needs besides raft: leader-only operations and heartbeats.
+/// What the peer server needs besides raft: leader-only operations and heartbeats. Each
+/// call comes from `caller`, a member (the server has checked its certificate and raft's
+/// membership).
 #[tonic::async_trait]
 pub trait PeerHandler: Send + Sync + 'static {
     /// Handles a forwarded leader operation; request and reply are JSON.
-    async fn leader_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    async fn leader_op(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status>;
     /// Records a heartbeat from a member.
-    async fn heartbeat(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    async fn heartbeat(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status>;
     /// Handles a request for this node's host services.
-    async fn host_op(&self, json: &[u8]) -> Result<Vec<u8>, Status>;
+    async fn host_op(&self, caller: NodeId, json: &[u8]) -> Result<Vec<u8>, Status>;
     /// Opens a blob this node holds for streaming to a member.
-    async fn open_blob(&self, json: &[u8]) -> Result<BlobReader, Status>;
+    async fn open_blob(&self, caller: NodeId, json: &[u8]) -> Result<BlobReader, Status>;
     /// Opens a two-way stream named by `header`; `inbound` carries the caller's bytes.
     async fn open_duplex(
         &self,
+        caller: NodeId,
         header: &[u8],
         inbound: DuplexInbound,
     ) -> Result<DuplexOutbound, Status>;
@@ -113,19 +121,85 @@ struct PeerService {
     handler: Arc<dyn PeerHandler>,
 }
 
+impl PeerService {
+    fn members(&self) -> PeerMembers {
+        PeerMembers::of(&self.raft.metrics().borrow().membership_config)
+    }
+
+    /// The caller of a non-raft RPC, which must be a member.
+    fn member_caller<T>(&self, req: &TonicRequest<T>) -> Result<NodeId, Status> {
+        let caller = caller_of(req)?;
+        self.members().require_member(caller)?;
+        Ok(caller)
+    }
+
+    /// Resolves once `caller` is no longer a member here (or raft stopped).
+    fn removed(&self, caller: NodeId) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut metrics = self.raft.metrics();
+        async move {
+            loop {
+                let member = metrics
+                    .borrow_and_update()
+                    .membership_config
+                    .nodes()
+                    .any(|(id, _)| *id == caller);
+                if !member || metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Forwards `out` until it ends or `removed` resolves; then the stream ends with the
+/// caller's refusal, so a node removed from the cluster keeps no stream open.
+fn end_on_removal(
+    mut out: DuplexOutbound,
+    removed: impl std::future::Future<Output = ()> + Send + 'static,
+    caller: NodeId,
+) -> DuplexOutbound {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut removed = std::pin::pin!(removed);
+        loop {
+            tokio::select! {
+                () = &mut removed => {
+                    let _ = tx.send(Err(PeerDenied::NotAMember { caller }.into())).await;
+                    return;
+                }
+                item = out.recv() => match item {
+                    Some(item) => if tx.send(item).await.is_err() { return },
+                    None => return,
+                },
+            }
+        }
+    });
+    rx
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn append_entries(
         &self,
         req: TonicRequest<Payload>,
     ) -> Result<TonicResponse<Payload>, Status> {
+        let caller = caller_of(&req)?;
+        let members = self.members();
+        // Who, before what: a stranger learns nothing from how its body would parse.
+        members.allow_replication(caller, None)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
+        members.allow_replication(caller, rpc.vote.leader_id().voted_for())?;
         let result = self.raft.append_entries(rpc).await;
         Ok(TonicResponse::new(encode(&result)?))
     }
 
     async fn vote(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
+        let caller = caller_of(&req)?;
+        let members = self.members();
+        // Who, before what: a stranger learns nothing from how its body would parse.
+        members.allow_vote(caller, None)?;
         let rpc: VoteRequest<NodeId> = decode(req.get_ref())?;
+        members.allow_vote(caller, rpc.vote.leader_id().voted_for())?;
         let result = self.raft.vote(rpc).await;
         Ok(TonicResponse::new(encode(&result)?))
     }
@@ -134,13 +208,19 @@ impl Peer for PeerService {
         &self,
         req: TonicRequest<Payload>,
     ) -> Result<TonicResponse<Payload>, Status> {
+        let caller = caller_of(&req)?;
+        let members = self.members();
+        // Who, before what: a stranger learns nothing from how its body would parse.
+        members.allow_replication(caller, None)?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        members.allow_replication(caller, rpc.vote.leader_id().voted_for())?;
         let result = self.raft.install_snapshot(rpc).await;
         Ok(TonicResponse::new(encode(&result)?))
     }
 
     async fn leader(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
-        let json = self.handler.leader_op(&req.get_ref().json).await?;
+        let caller = self.member_caller(&req)?;
+        let json = self.handler.leader_op(caller, &req.get_ref().json).await?;
         Ok(TonicResponse::new(Payload { json }))
     }
 
@@ -148,12 +228,14 @@ impl Peer for PeerService {
         &self,
         req: TonicRequest<Payload>,
     ) -> Result<TonicResponse<Payload>, Status> {
-        let json = self.handler.heartbeat(&req.get_ref().json).await?;
+        let caller = self.member_caller(&req)?;
+        let json = self.handler.heartbeat(caller, &req.get_ref().json).await?;
         Ok(TonicResponse::new(Payload { json }))
     }
 
     async fn host(&self, req: TonicRequest<Payload>) -> Result<TonicResponse<Payload>, Status> {
-        let json = self.handler.host_op(&req.get_ref().json).await?;
+        let caller = self.member_caller(&req)?;
+        let json = self.handler.host_op(caller, &req.get_ref().json).await?;
         Ok(TonicResponse::new(Payload { json }))
     }
 
@@ -164,20 +246,31 @@ impl Peer for PeerService {
         &self,
         req: TonicRequest<tonic::Streaming<Chunk>>,
     ) -> Result<TonicResponse<Self::DuplexStream>, Status> {
+        let caller = self.member_caller(&req)?;
         let mut inbound = req.into_inner();
         let header = inbound
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("a duplex stream starts with a header"))?;
         let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let removed = self.removed(caller);
         tokio::spawn(async move {
-            while let Ok(Some(chunk)) = inbound.message().await {
-                if in_tx.send(chunk.data).await.is_err() {
-                    return;
+            let mut removed = std::pin::pin!(removed);
+            loop {
+                tokio::select! {
+                    () = &mut removed => return,
+                    chunk = inbound.message() => match chunk {
+                        Ok(Some(chunk)) => if in_tx.send(chunk.data).await.is_err() { return },
+                        _ => return,
+                    },
                 }
             }
         });
-        let out = self.handler.open_duplex(&header.data, in_rx).await?;
+        let out = self
+            .handler
+            .open_duplex(caller, &header.data, in_rx)
+            .await?;
+        let out = end_on_removal(out, self.removed(caller), caller);
         let stream =
             tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(out), |r| {
                 r.map(|data| Chunk { data })
@@ -193,12 +286,22 @@ impl Peer for PeerService {
         req: TonicRequest<Payload>,
     ) -> Result<TonicResponse<Self::FetchBlobStream>, Status> {
         use tokio::io::AsyncReadExt;
-        let mut reader = self.handler.open_blob(&req.get_ref().json).await?;
+        let caller = self.member_caller(&req)?;
+        let mut reader = self.handler.open_blob(caller, &req.get_ref().json).await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Chunk, Status>>(4);
+        let removed = self.removed(caller);
         tokio::spawn(async move {
+            let mut removed = std::pin::pin!(removed);
             loop {
                 let mut data = vec![0u8; BLOB_CHUNK_BYTES];
-                match reader.read(&mut data).await {
+                let read = tokio::select! {
+                    () = &mut removed => {
+                        let _ = tx.send(Err(PeerDenied::NotAMember { caller }.into())).await;
+                        return;
+                    }
+                    read = reader.read(&mut data) => read,
+                };
+                match read {
                     Ok(0) => return,
                     Ok(n) => {
                         data.truncate(n);
@@ -467,5 +570,45 @@ impl RaftNetwork<TypeConfig> for RaftPeer {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call("vote", &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_ends_with_a_refusal_when_its_caller_is_removed() {
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        let (removed_tx, removed_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut relayed = end_on_removal(
+            out,
+            async move {
+                let _ = removed_rx.await;
+            },
+            7,
+        );
+        tx.send(Ok(b"before".to_vec()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let first = relayed.recv().await.and_then(Result::ok);
+        assert_eq!(first.as_deref(), Some(&b"before"[..]));
+
+        removed_tx
+            .send(())
+            .unwrap_or_else(|()| panic!("removal not heard"));
+        match relayed.recv().await {
+            Some(Err(status)) => {
+                assert_eq!(status.code(), tonic::Code::PermissionDenied);
+                assert!(
+                    status.message().contains("node 7 is not a member"),
+                    "{status:?}"
+                );
+            }
+            other => panic!("the stream went on after the removal: {other:?}"),
+        }
+        // Nothing more, even though the source of the stream is still open.
+        let _ = tx.send(Ok(b"after".to_vec())).await;
+        assert!(relayed.recv().await.is_none());
     }
 }

@@ -67,6 +67,8 @@ pub enum MigrationError {
     UnknownVm { vm_id: String },
     #[error("VM {vm} is not moving to this host")]
     NotMovingHere { vm: String },
+    #[error("VM {vm} is not on node {caller}, which asked to move it")]
+    NotTheSource { vm: String, caller: u64 },
     #[error("VM id {vm_id} is not a UUID")]
     BadId {
         vm_id: String,
@@ -169,8 +171,37 @@ const STREAM_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::LOCALHOST;
 /// How long a target may take to prepare (a template fetch, a cold disk copy).
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// What this host has of `vm_id` (the `VmPresence` host request).
-pub async fn vm_presence(host: &ComputeHost, vm_id: &str) -> Result<VmPresence, MigrationError> {
+/// Reads VM `vm_id` and checks that raft has it moving from `source` to this host: the
+/// only node that may ask this host about receiving it.
+fn incoming_from(host: &ComputeHost, source: u64, vm_id: &str) -> Result<Vm, MigrationError> {
+    let me = host.db.node_id().ok_or(MigrationError::NotMember)?;
+    let vm = host
+        .db
+        .reader()
+        .read(|c| model::get::<Vm>(c, vm_id))
+        .map_err(MigrationError::State)?
+        .ok_or_else(|| MigrationError::UnknownVm {
+            vm_id: vm_id.to_string(),
+        })?;
+    if vm.migration.as_ref().map(|m| m.target) != Some(me) {
+        return Err(MigrationError::NotMovingHere { vm: vm.name });
+    }
+    if vm.host != Some(source) {
+        return Err(MigrationError::NotTheSource {
+            vm: vm.name,
+            caller: source,
+        });
+    }
+    Ok(vm)
+}
+
+/// What this host has of `vm_id` (the `VmPresence` host request from `source`).
+pub async fn vm_presence(
+    host: &ComputeHost,
+    source: u64,
+    vm_id: &str,
+) -> Result<VmPresence, MigrationError> {
+    incoming_from(host, source, vm_id)?;
     let dom = lookup_domain(host, vm_uuid(vm_id)?).await?;
     let disks_present = host.volumes.vm_paths(vm_id, 0, None).root.exists();
     Ok(VmPresence {
@@ -197,17 +228,7 @@ pub async fn prepare(
         (false, _) => None,
     };
     let me = host.db.node_id().ok_or(MigrationError::NotMember)?;
-    let vm = host
-        .db
-        .reader()
-        .read(|c| model::get::<Vm>(c, vm_id))
-        .map_err(MigrationError::State)?
-        .ok_or_else(|| MigrationError::UnknownVm {
-            vm_id: vm_id.to_string(),
-        })?;
-    if vm.migration.as_ref().map(|m| m.target) != Some(me) {
-        return Err(MigrationError::NotMovingHere { vm: vm.name });
-    }
+    let vm = incoming_from(host, source, vm_id)?;
     if live {
         // The incoming domain plugs its taps into the networks' bridges at once.
         let (bridges, vm2) = (host.bridges.clone(), vm.clone());
@@ -672,6 +693,7 @@ fn moving_here(host: &ComputeHost, vm_id: &str) -> bool {
 /// port is refused: the peer port is no way into arbitrary local services.
 pub async fn open_migration_stream(
     host: &ComputeHost,
+    source: u64,
     vm_id: &str,
     port: u16,
     inbound: keel_cluster::transport::DuplexInbound,
@@ -688,11 +710,7 @@ pub async fn open_migration_stream(
             port,
         });
     }
-    if !moving_here(host, vm_id) {
-        return Err(MigrationError::NotMovingHere {
-            vm: vm_id.to_string(),
-        });
-    }
+    incoming_from(host, source, vm_id)?;
     let conn = tokio::net::TcpStream::connect((STREAM_ADDRESS, port))
         .await
         .map_err(|source| MigrationError::Socket {

@@ -42,6 +42,7 @@ mod nat_adapter;
 mod netlink_adapter;
 mod network;
 mod partition;
+mod peer_authz;
 mod peer_port;
 mod plumbing;
 mod removal;
