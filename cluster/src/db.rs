@@ -325,6 +325,15 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
+/// Why the leader's check of a join request before proposing it failed.
+#[derive(Debug, thiserror::Error)]
+enum JoinPrecheckError {
+    #[error("the request is refused")]
+    Refused(#[source] CommandError),
+    #[error("reading the join token")]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// What the node service offers other members on the peer port besides the cluster
 /// database: its host services (compute, storage). Registered with
 /// [`ClusterDb::set_host_services`]; requests arriving before that are refused as
@@ -1034,6 +1043,19 @@ impl ClusterDb {
         request: JoinRequest,
     ) -> Result<LeaderReply, OpError> {
         let failed = |detail: String| OpError::Failed { detail };
+        // Bounded before any work: nothing large is parsed for a stranger.
+        if request.csr_pem.len() > model::MAX_CSR_BYTES {
+            return Err(OpError::Rejected {
+                error: CommandError::Invalid {
+                    field: "certificate signing request".into(),
+                    reason: format!(
+                        "it has {} bytes, more than the {} a node's request has",
+                        request.csr_pem.len(),
+                        model::MAX_CSR_BYTES
+                    ),
+                },
+            });
+        }
         let key_fingerprint =
             tls::csr_key_fingerprint(&request.csr_pem).map_err(|e| OpError::Rejected {
                 error: CommandError::Invalid {
@@ -1041,6 +1063,29 @@ impl ClusterDb {
                     reason: crate::error_chain(&e),
                 },
             })?;
+        // Only a valid, unconsumed token (or a retry by the host that used it) leads to a
+        // raft write: a flood of bad requests leaves the log as it was. The apply checks
+        // again against the state it applies to.
+        let now = now_ms();
+        let precheck = self.inner.reader.read_with(|conn| {
+            model::check_join(
+                conn,
+                &request.token_id,
+                &request.secret_sha256,
+                &key_fingerprint,
+                &request.host,
+                now,
+            )
+            .map_err(JoinPrecheckError::Refused)
+        });
+        match precheck {
+            Ok(_) => {}
+            Err(JoinPrecheckError::Refused(error)) => {
+                tracing::info!(token = %request.token_id, error = %error, "join refused before any write");
+                return Err(OpError::Rejected { error });
+            }
+            Err(JoinPrecheckError::Store(e)) => return Err(failed(crate::error_chain(&e))),
+        }
         let response = member
             .raft
             .client_write(Request {
@@ -1050,7 +1095,7 @@ impl ClusterDb {
                     secret_sha256: request.secret_sha256.clone(),
                     key_fingerprint,
                     host: request.host.clone(),
-                    now_ms: now_ms(),
+                    now_ms: now,
                 },
             })
             .await

@@ -248,6 +248,10 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
         duties: duty_status.clone(),
         images: images.clone(),
         consoles: consoles.clone(),
+        join_limiter: Arc::new(api::rate_limit::RateLimiter::new(
+            api::JOIN_RATE_PER_SECOND,
+            api::JOIN_BURST,
+        )),
     };
 
     // HTTPS API.
@@ -263,7 +267,11 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     let https = axum_server::from_tcp(api_listener)
         .acceptor(acceptor)
         .handle(handle.clone())
-        .serve(api::https_router(state.clone()).into_make_service());
+        // The client's address reaches the handlers (the join route is limited per source).
+        .serve(
+            api::https_router(state.clone())
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        );
     let https_task = tokio::spawn(async move {
         if let Err(e) = https.await {
             tracing::error!(error = %e, "HTTPS API stopped");

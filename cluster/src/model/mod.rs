@@ -846,19 +846,41 @@ fn create_join_token(
     Ok(Outcome::Done)
 }
 
-fn consume_join_token(
+/// The most a join request's fields may hold; anything longer is refused before any work.
+pub const MAX_TOKEN_ID_BYTES: usize = 64;
+/// A PEM CSR for one EC or RSA key is well under this.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+/// What a valid join token allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinCheck {
+    /// The token is unused and the host may join.
+    Fresh(JoinToken),
+    /// The same key already joined with it (a retried join): that host.
+    AlreadyJoined { host_id: u64 },
+}
+
+/// Checks a join request against the state without changing it: the leader runs this
+/// before it proposes anything (so only a valid, unconsumed token leads to a raft write),
+/// and the apply runs it again on the state it applies to.
+pub fn check_join(
     conn: &Connection,
     token_id: &str,
     secret_sha256: &str,
     key_fingerprint: &str,
     host: &NewHost,
     now_ms: u64,
-) -> Result<Outcome, CommandError> {
+) -> Result<JoinCheck, CommandError> {
     require_init(conn)?;
-    let mut token =
-        read::<JoinToken>(conn, token_id)?.ok_or_else(|| CommandError::TokenUnknown {
-            token_id: token_id.to_owned(),
-        })?;
+    if token_id.is_empty() || token_id.len() > MAX_TOKEN_ID_BYTES {
+        return Err(invalid(
+            "token",
+            format!("the token id must have 1 to {MAX_TOKEN_ID_BYTES} characters: copy the whole token again"),
+        ));
+    }
+    let token = read::<JoinToken>(conn, token_id)?.ok_or_else(|| CommandError::TokenUnknown {
+        token_id: token_id.to_owned(),
+    })?;
     if !crate::token::digests_equal(&token.secret_sha256, secret_sha256) {
         return Err(CommandError::TokenSecretMismatch {
             token_id: token_id.to_owned(),
@@ -866,7 +888,7 @@ fn consume_join_token(
     }
     if let Some(used) = &token.consumed {
         if used.key_fingerprint == *key_fingerprint {
-            return Ok(Outcome::HostJoined {
+            return Ok(JoinCheck::AlreadyJoined {
                 host_id: used.host_id,
             });
         }
@@ -889,6 +911,22 @@ fn consume_join_token(
             name: host.name.clone(),
         });
     }
+    Ok(JoinCheck::Fresh(token))
+}
+
+fn consume_join_token(
+    conn: &Connection,
+    token_id: &str,
+    secret_sha256: &str,
+    key_fingerprint: &str,
+    host: &NewHost,
+    now_ms: u64,
+) -> Result<Outcome, CommandError> {
+    let mut token = match check_join(conn, token_id, secret_sha256, key_fingerprint, host, now_ms)?
+    {
+        JoinCheck::AlreadyJoined { host_id } => return Ok(Outcome::HostJoined { host_id }),
+        JoinCheck::Fresh(token) => token,
+    };
     // A new host lands in the first zone and compute cluster; moving hosts between
     // them comes with the placement work.
     let zone = list::<Zone>(conn)

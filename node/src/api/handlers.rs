@@ -132,7 +132,9 @@ pub async fn create_token(
 /// The joining node's request; the token secret is its authentication.
 #[utoipa::path(post, path = "/api/v1/join", tag = "cluster",
     request_body = JoinApiRequest,
-    responses((status = 200, body = JoinApiReply), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = JoinApiReply), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 413, description = "the request is larger than 64 KiB"),
+        (status = 429, body = ErrorBody, description = "too many join requests from this address")))]
 pub async fn join(
     State(state): State<AppState>,
     Json(req): Json<JoinApiRequest>,

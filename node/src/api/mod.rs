@@ -17,6 +17,7 @@ pub mod floating_ips;
 mod handlers;
 mod networks;
 pub mod openapi;
+pub mod rate_limit;
 mod templates;
 mod views;
 mod vms;
@@ -48,7 +49,16 @@ pub struct AppState {
     pub images: Arc<crate::compute::images::ImageStore>,
     /// Opens VM consoles here or on the VM's host.
     pub consoles: Arc<crate::compute::console::Consoles>,
+    /// Join requests per source address (the route anyone on the network can reach).
+    pub join_limiter: Arc<rate_limit::RateLimiter>,
 }
+
+/// A source may send this many join requests a second…
+pub const JOIN_RATE_PER_SECOND: f64 = 2.0;
+/// …after a burst of this many (a rack joining at once comes from as many addresses).
+pub const JOIN_BURST: u32 = 10;
+/// A join request is a token, a CSR and a few names: far below this.
+pub const JOIN_BODY_LIMIT: usize = 64 * 1024;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +179,12 @@ pub fn https_router(state: AppState) -> Router {
     ));
     Router::new()
         .route("/healthz", get(handlers::healthz))
-        .route("/api/v1/join", post(handlers::join))
+        .route(
+            "/api/v1/join",
+            post(handlers::join)
+                .layer(DefaultBodyLimit::max(JOIN_BODY_LIMIT))
+                .layer(middleware::from_fn_with_state(state.clone(), limit_joins)),
+        )
         .merge(authed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -190,6 +205,26 @@ pub fn local_router(state: AppState) -> Router {
         .merge(api_routes())
         .layer(Extension(Principal::LocalRoot))
         .with_state(state)
+}
+
+/// Answers 429 to a source that sends join requests faster than [`JOIN_RATE_PER_SECOND`].
+async fn limit_joins(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    use axum::response::IntoResponse;
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(source) = source {
+        if let Err(wait) = state.join_limiter.take(source, std::time::Instant::now()) {
+            tracing::debug!(%source, "join request over the rate limit");
+            return error::ApiError::too_many_requests(format!(
+                "too many join requests from {source}: wait {} ms and try again",
+                wait.as_millis().max(1)
+            ))
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -37,6 +37,7 @@ mod durability;
 mod failover;
 mod firewall_adapter;
 mod formation;
+mod join_flood;
 mod libvirt_adapter;
 mod nat_adapter;
 mod netlink_adapter;
