@@ -381,7 +381,18 @@ pub async fn serve(config: NodeConfig) -> Result<(), ServeError> {
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     let _ = tokio::time::timeout(Duration::from_secs(6), https_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), local_task).await;
-    db.shutdown().await;
+    // Bounded like the rest: a raft core that already stopped on a storage failure (the
+    // restart path) can leave openraft's shutdown waiting for ever, and what follows is an
+    // exit or an exec that drops everything anyway.
+    if tokio::time::timeout(RAFT_SHUTDOWN_WAIT, db.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            waited_ms = RAFT_SHUTDOWN_WAIT.as_millis() as u64,
+            "raft did not shut down in time; stopping anyway"
+        );
+    }
     let _ = std::fs::remove_file(&config.socket);
     if restart {
         return Err(restart_self());
@@ -411,6 +422,9 @@ fn start_host_units(
     tokio::spawn(units.run(shutdown.clone()));
     Some(reports)
 }
+
+/// How long a stop waits for raft to shut down.
+const RAFT_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Free space the data directory needs before raft is restarted after a storage failure.
 const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
