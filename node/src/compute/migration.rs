@@ -690,10 +690,10 @@ fn moving_here(host: &ComputeHost, vm_id: &str) -> bool {
 
 /// Target side of a migration stream: a connection to `port` on this host's loopback,
 /// where qemu listens for an incoming migration this host prepared for `vm_id`. Any other
-/// port is refused: the peer port is no way into arbitrary local services.
+/// port is refused: the peer port is no way into arbitrary local services. Who may ask
+/// (the VM's host, while raft has it moving here live) the peer router has checked.
 pub async fn open_migration_stream(
     host: &ComputeHost,
-    source: u64,
     vm_id: &str,
     port: u16,
     inbound: keel_cluster::transport::DuplexInbound,
@@ -710,7 +710,6 @@ pub async fn open_migration_stream(
             port,
         });
     }
-    incoming_from(host, source, vm_id)?;
     let conn = tokio::net::TcpStream::connect((STREAM_ADDRESS, port))
         .await
         .map_err(|source| MigrationError::Socket {

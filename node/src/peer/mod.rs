@@ -152,7 +152,7 @@ impl HostServices for NodeHostServices {
                     .compute
                     .as_ref()
                     .ok_or_else(|| Status::failed_precondition("this node runs no VMs"))?;
-                migration::open_migration_stream(compute, caller, &vm_id, port, inbound)
+                migration::open_migration_stream(compute, &vm_id, port, inbound)
                     .await
                     .map_err(|e| Status::failed_precondition(error_chain(&e)))
             }
